@@ -5,7 +5,8 @@
 # Plain data only: `titanenv config show` prints each resolved value and where it came from.
 # A value left empty takes the machine profile's default (src/titanenv/config.py, MACHINES).
 
-# The repository root; the scripts set it before sourcing this file.
+# The repository root; the scripts set it before sourcing this file. It is always the repository
+# (the folder of container_run.sh), also when TITANENV_CONFIG names a copy of this file elsewhere.
 TITANENV_ROOT="${TITANENV_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
 
 # Machine: jwb (JUWELS Booster), jwc (JUWELS Cluster), jrc (JURECA-DC), jpb (JUPITER),

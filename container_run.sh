@@ -11,7 +11,10 @@
 set -euo pipefail
 
 if [[ "${_TITANENV_INSIDE:-}" != 1 ]]; then
+    # TITANENV_ROOT is the repository (this script's folder), also when TITANENV_CONFIG names a file elsewhere.
     TITANENV_ROOT="${TITANENV_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+    # Names the user's environment set, before the file's values are exported: `config show` origins.
+    export TITANENV_FROM_ENVIRONMENT="${TITANENV_FROM_ENVIRONMENT-$(compgen -e | tr '\n' ' ')}"
     set -a
     # shellcheck source=configuration.sh
     source "${TITANENV_CONFIG:-$TITANENV_ROOT/configuration.sh}"
@@ -20,6 +23,12 @@ if [[ "${_TITANENV_INSIDE:-}" != 1 ]]; then
     fi
     set +a
     runtime=$TITANENV_CONTAINER_RUNTIME
+    case $runtime in
+        auto | apptainer | singularity | none) ;;
+        *)
+            echo "container_run.sh: TITANENV_CONTAINER_RUNTIME=$runtime is invalid; use one of auto, apptainer, singularity, none (configuration.sh or the environment)" >&2
+            exit 2 ;;
+    esac
     if [[ $runtime == auto ]]; then
         runtime=none
         for r in apptainer singularity; do
@@ -36,10 +45,11 @@ if [[ "${_TITANENV_INSIDE:-}" != 1 ]]; then
         for v in $(compgen -e); do
             case $v in
                 TITANENV_* | HF_* | NLTK_DATA | PIP_CACHE_DIR | TRITON_CACHE_DIR | TORCHINDUCTOR_CACHE_DIR | TRANSFORMERS_OFFLINE | \
-                DO_NOT_TRACK | WANDB_MODE | SLURM_* | SRUN_* | NCCL_* | UCX_* | GLOO_* | MASTER_* | CUDA_VISIBLE_DEVICES | TERM)
+                DO_NOT_TRACK | WANDB_MODE | SLURM_* | SRUN_* | NCCL_* | UCX_* | GLOO_* | MASTER_* | CUDA_VISIBLE_DEVICES | TERM | \
+                no_proxy | NO_PROXY)
                     export "$prefix$v=${!v}" ;;
                 # Online (set-up on a login node): the site's proxy and package-index settings too.
-                http_proxy | https_proxy | no_proxy | HTTP_PROXY | HTTPS_PROXY | NO_PROXY | all_proxy | ALL_PROXY | \
+                http_proxy | https_proxy | HTTP_PROXY | HTTPS_PROXY | all_proxy | ALL_PROXY | \
                 PIP_INDEX_URL | PIP_EXTRA_INDEX_URL | PIP_FIND_LINKS | PIP_CERT | UV_*)
                     if [[ "${TITANENV_OFFLINE:-1}" != 1 ]]; then export "$prefix$v=${!v}"; fi ;;
             esac
@@ -61,6 +71,10 @@ fi
 if [[ "${TITANENV_NO_VENV:-}" != 1 ]]; then
     if [[ ! -x "$TITANENV_VENV/bin/python" ]]; then
         echo "container_run.sh: no venv at TITANENV_VENV=$TITANENV_VENV; create it with env/set_up.sh install" >&2
+        exit 1
+    fi
+    if [[ "${1:-}" == titanenv && ! -x "$TITANENV_VENV/bin/titanenv" ]]; then
+        echo "container_run.sh: the venv at TITANENV_VENV=$TITANENV_VENV has no titanenv; reinstall with env/set_up.sh install" >&2
         exit 1
     fi
     export VIRTUAL_ENV="$TITANENV_VENV" PATH="$TITANENV_VENV/bin:$PATH"

@@ -94,6 +94,7 @@ def test_manifest_records_what_made_the_data(sample, tmp_path, corpus):
         "key": "text",
         "documents": DOCS,
         "tokens": indexed.IndexedDataset(tmp_path / "o").num_tokens,
+        "max_token_id": int(np.fromfile(tmp_path / "o.bin", np.uint16).max()),
     }
     assert [(i["path"], i["size"]) for i in m["inputs"]] == [(str(p.resolve()), p.stat().st_size) for p in corpus]
     assert m["documents_in"] == m["documents_written"] + m["documents_rejected"]

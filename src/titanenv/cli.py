@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from titanenv import __version__
@@ -54,9 +56,10 @@ def _root(
 @config_app.command("show")
 def config_show(
     path: Annotated[Optional[Path], typer.Option("--file", help="configuration.sh to read (default: the repository's).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Unknown TITANENV_* names are errors, not warnings.")] = False,
 ) -> None:
     """Print every resolved site setting and where its value came from."""
-    resolved = _load(path)
+    resolved = _load(path, strict=strict)
     table = Table("variable", "value", "from")
     for field, var in configlib._aliases().items():
         table.add_row(var, str(getattr(resolved.config, field)), resolved.origins.get(var, ""))
@@ -98,19 +101,26 @@ def demo(
     console.rule("eval")
     train_cli.evaluate(output_dir=run_dir, data=data / "val", tokenizer=tokenizer)
     console.rule("outputs")
-    print(f"tokenized data:   {data}/{{train,val}}.{{bin,idx,manifest.json}}")
-    print(f"checkpoints:      {run_dir}/checkpoint")
-    print(f"tensorboard logs: {run_dir}/tb  (tensorboard --logdir {run_dir}/tb)")
-    print(f"eval results:     {run_dir}/eval.json")
-    print(f"per-rank logs:    {run_dir}/logs")
-    print(f"provenance:       {run_dir}/provenance  (config, sbatch script, versions, pip freeze, nodes)")
+    print("\n".join(_output_lines(data, run_dir)))
 
 
-def _load(path: Optional[Path]) -> configlib.Resolved:
+def _output_lines(data: Path, run_dir: Path) -> list[str]:
+    """Where the demo's outputs went; the command in parentheses is quoted for copying."""
+    return [
+        f"tokenized data:   {data}/{{train,val}}.{{bin,idx,manifest.json}}",
+        f"checkpoints:      {run_dir}/checkpoint",
+        f"tensorboard logs: {run_dir}/tb  ({shlex.join(['tensorboard', '--logdir', str(run_dir / 'tb')])})",
+        f"eval results:     {run_dir}/eval.json",
+        f"per-rank logs:    {run_dir}/logs",
+        f"provenance:       {run_dir}/provenance  (config, sbatch script, versions, pip freeze, nodes)",
+    ]
+
+
+def _load(path: Optional[Path], strict: bool = False) -> configlib.Resolved:
     try:
-        return configlib.load(path)
+        return configlib.load(path, strict=strict)
     except configlib.ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -119,7 +129,7 @@ def main() -> None:
     try:
         app()
     except (FileNotFoundError, ValueError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         sys.exit(2)
 
 

@@ -9,6 +9,7 @@ GPUs per node, the rendezvous hostname rule) live in :data:`MACHINES`.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger("titanenv.config")
 
 MachineName = Literal["jwb", "jwc", "jrc", "jpb", "local"]
 Runtime = Literal["auto", "apptainer", "singularity", "none"]
@@ -116,52 +119,107 @@ class Resolved:
 
     config: SiteConfig
     origins: dict[str, str]
+    warnings: tuple[str, ...] = ()
+    """Unknown ``TITANENV_*`` names (likely misspelt) and anything the file printed to stderr."""
 
 
 def _aliases() -> dict[str, str]:
     return {name: f.alias for name, f in SiteConfig.model_fields.items() if f.alias}
 
 
-def default_path() -> Path:
+# TITANENV_* names that are not SiteConfig fields: set by titanenv's scripts and jobs, or read by them.
+OTHER_NAMES: dict[str, str] = {
+    "TITANENV_CONFIG": "the configuration file to read instead of the repository's configuration.sh",
+    "TITANENV_OFFLINE": "0: container_run.sh keeps the network (fetching on a login node)",
+    "TITANENV_BIND": "extra container binds, comma-separated (container_run.sh)",
+    "TITANENV_NO_VENV": "1: container_run.sh does not activate the venv (env/set_up.sh)",
+    "TITANENV_PYTHON": "the python3 that starts env/set_up.sh and container/build_container.sh",
+    "TITANENV_FROM_ENVIRONMENT": "names the user's environment set, recorded by container_run.sh for value origins",
+    "TITANENV_MAX_REQUEUES": "how often the training job requeues itself (sbatch script)",
+    "TITANENV_STOP_FILE": "the file that asks training to checkpoint and stop (sbatch script)",
+    "TITANENV_BATCH_SCRIPT": "the batch script recorded in provenance (sbatch script)",
+    "TITANENV_VERSION": "titanenv's version, set inside the image",
+    "TITANENV_UPDATE_GOLDEN": "tests: 1 rewrites the golden files",
+    "TITANENV_SLURM_KEEP": "tests: folder where the local Slurm's files are kept",
+}
+
+
+def known_names() -> list[str]:
+    """Every ``TITANENV_*`` name titanenv reads or sets; any other is reported as unknown."""
+    return [*(n for n in _aliases().values() if n.startswith("TITANENV_")), *OTHER_NAMES]
+
+
+def repository() -> Path | None:
+    """The checkout this titanenv runs from (the folder of ``container_run.sh``); None for an installed wheel."""
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "container_run.sh").is_file() else None
+
+
+def default_path(environ: dict[str, str] | os._Environ | None = None) -> Path:
     """``$TITANENV_CONFIG``, else ``configuration.sh`` in ``$TITANENV_ROOT`` or the repository."""
-    if p := os.environ.get("TITANENV_CONFIG"):
+    environ = os.environ if environ is None else environ
+    if p := environ.get("TITANENV_CONFIG"):
         return Path(p)
-    root = os.environ.get("TITANENV_ROOT")
-    return Path(root) / "configuration.sh" if root else Path(__file__).resolve().parents[2] / "configuration.sh"
+    root = environ.get("TITANENV_ROOT") or repository() or Path.cwd()
+    return Path(root) / "configuration.sh"
 
 
-def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Resolved:
+def _user_environment(given: dict[str, str]) -> dict[str, str]:
+    """What the user's environment set: container_run.sh exports every value of the file, and records
+    in ``TITANENV_FROM_ENVIRONMENT`` which names were there before it did. (A value changed after
+    container_run.sh ran, keeping the record, is labelled by the file; the value itself is right.)"""
+    record = given.get("TITANENV_FROM_ENVIRONMENT")
+    if record is None:
+        return given
+    names = set(record.split())
+    return {k: v for k, v in given.items() if k in names}
+
+
+def load(
+    path: str | os.PathLike | None = None, environ: dict[str, str] | None = None, strict: bool = False
+) -> Resolved:
     """Source ``configuration.sh`` with bash and validate the result.
+
+    The file is sourced as the sbatch files do, under ``set -euo pipefail``, so an error there
+    fails here too. ``TITANENV_ROOT`` is the repository whatever file is read (see configuration.sh).
 
     Args:
         path: the configuration file; :func:`default_path` when None.
         environ: the environment to resolve against; ``os.environ`` when None.
+        strict: warnings (unknown ``TITANENV_*`` names) are errors; ``--submit`` uses it.
 
     Raises:
         ConfigError: the file is missing or does not source, or a value is invalid;
             the message names the variable, where its value came from, and the fix.
     """
-    path = Path(path) if path else default_path()
     given = dict(os.environ if environ is None else environ)
+    path = Path(path) if path else default_path(given)
+    user = _user_environment(given)
     env = dict(given)
     if not path.is_file():
         raise ConfigError(f"{path}: no such configuration file (set TITANENV_CONFIG or run from the repository)")
-    env.setdefault("TITANENV_ROOT", str(path.resolve().parent))
+    env.setdefault("TITANENV_ROOT", str(repository() or path.resolve().parent))
     names = list(_aliases().values())
-    script = 'source "$1" >/dev/null || exit 3; shift; for v in "$@"; do printf "%s\\0" "${!v-}"; done'
+    script = (
+        'set -euo pipefail; source "$1" >/dev/null; shift; for v in "$@"; do printf "%s\\0" "${!v-}"; done; '
+        'printf "%s\\0" $(compgen -v TITANENV_ || true)'
+    )
     proc = subprocess.run(
         ["bash", "-c", script, "titanenv-config", str(path), *names], env=env, capture_output=True, text=True
     )
-    if proc.returncode != 0:
-        raise ConfigError(f"{path}: sourcing failed: {proc.stderr.strip()}")
-    values = dict(zip(names, proc.stdout.split("\0")))
     lines = _assignment_lines(path)
+    if proc.returncode != 0:
+        raise ConfigError(_explain_source_error(path, proc.returncode, proc.stderr))
+    fields = proc.stdout.split("\0")
+    values = dict(zip(names, fields))
+    warnings = [f"{path}: {line}" for line in proc.stderr.splitlines() if line.strip()]
+    warnings += _unknown_names([f for f in fields[len(names) :] if f], user, lines, path)
     origins = {}
     for name, value in values.items():
-        if given.get(name) and given[name] == value:
+        if user.get(name) and user[name] == value:
             origins[name] = "environment"
         elif name == "TITANENV_ROOT":
-            origins[name] = f"folder of {path.name}"
+            origins[name] = "repository" if repository() and Path(value) == repository() else f"folder of {path.name}"
         else:
             origins[name] = f"{path.name}:{lines[name]}" if name in lines else "default"
     _apply_profile(values, origins, env)
@@ -169,7 +227,37 @@ def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None =
         config = SiteConfig.model_validate(values)
     except ValidationError as e:
         raise ConfigError(_explain(e, values, origins)) from None
-    return Resolved(config, origins)
+    if strict and warnings:
+        raise ConfigError("refused under --strict:\n  " + "\n  ".join(warnings))
+    for w in warnings:
+        if w not in _warned:
+            _warned.add(w)
+            log.warning("%s", w)
+    return Resolved(config, origins, tuple(warnings))
+
+
+_warned: set[str] = set()
+
+
+def _unknown_names(names: list[str], user: dict[str, str], lines: dict[str, int], path: Path) -> list[str]:
+    known = known_names()
+    out = []
+    for name in sorted(set(names) - set(known)):
+        where = "environment" if name in user or name not in lines else f"{path.name}:{lines[name]}"
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; known names: {', '.join(known)}"
+        out.append(f"unknown variable {name} (from {where}): not a titanenv setting{hint}")
+    return out
+
+
+def _explain_source_error(path: Path, rc: int, stderr: str) -> str:
+    msg = f"{path}: sourcing failed (exit {rc}, sourced with `set -euo pipefail` as the sbatch files do):\n  {stderr.strip()}"
+    m = re.search(rf"{re.escape(str(path))}: line (\d+): ([A-Za-z_][A-Za-z0-9_]*): command not found", stderr)
+    if m:
+        text = (path.read_text().splitlines() + [""] * int(m.group(1)))[int(m.group(1)) - 1]
+        if re.match(rf"\s*{m.group(2)}\s+=", text):
+            msg += f"\n  fix: bash reads {text.strip()!r} as a command; write {m.group(2)}=VALUE, with no spaces around '='"
+    return msg
 
 
 def _apply_profile(values: dict[str, str], origins: dict[str, str], env: dict[str, str]) -> None:

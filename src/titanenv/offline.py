@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import logging
 import os
+import shlex
 import socket
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def offline_environment(path: Path = ENV_FILE) -> tuple[dict[str, str], list[str
             to_unset.extend(line.split()[1:])
         else:
             key, _, value = line.partition("=")
-            to_set[key] = value
+            to_set[key] = " ".join(shlex.split(value))  # bash's unquoting: no_proxy='*' is *
     return to_set, to_unset
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -273,8 +274,8 @@ def _check_wheelhouse(cfg: BuildConfig, lock: Lock) -> None:
         raise BuildError(
             f"no flash-attn {cfg.flash_attn} wheel for {cfg.target.tag} in {cfg.wheelhouse}. PyPI has none: build it once "
             f"against the base image on a login node (docs/container.md, 'flash-attn'), e.g.\n"
-            f"  {cfg.runtime} exec {cfg.base_sif} pip wheel --no-deps --no-build-isolation "
-            f"--wheel-dir {cfg.wheelhouse} flash-attn=={cfg.flash_attn}"
+            f"  {cfg.runtime} exec {shlex.quote(str(cfg.base_sif))} pip wheel --no-deps --no-build-isolation "
+            f"--wheel-dir {shlex.quote(str(cfg.wheelhouse))} flash-attn=={cfg.flash_attn}"
         )
 
 

@@ -5,6 +5,13 @@ concatenated (int64), ``sizes`` the ids per text (int64), with no special tokens
 (``add_special_tokens=False``). Each encoder uses one thread: parallelism comes from worker
 processes, so ``--workers N`` means N cores.
 
+``encode(texts, plain=True)`` (``--special-tokens plain``) tokenizes special-token text such as
+``<|endoftext|>`` inside a document as ordinary text; by default (``parse``) it becomes the
+special token's id, as in Megatron-LM and ``Tokenizer.encode``. hf does it with
+``Tokenizer.encode_special_tokens = True``; gigatoken has no such switch, so it loads the
+``tokenizer.json`` without its special added tokens, and the exactness check compares that
+with hf's own plain mode.
+
 ``choose`` picks the backend for a run: ``auto`` and ``gigatoken`` first check, on a sample
 of the run's own documents plus synthetic probes (:func:`probes`), that gigatoken's ids equal
 the reference's. ``auto`` falls back
@@ -15,6 +22,7 @@ an explicit ``gigatoken`` raises instead.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -44,7 +52,9 @@ class HFEncoder:
         self.tok = tokenizer
         self._batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast: tokenizers >= 0.21
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str], plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(flat, sizes)`` (int64); ``plain``: special-token text stays ordinary text."""
+        self.tok.encode_special_tokens = plain  # set on every call: the Tokenizer object may be shared
         ids = [e.ids for e in self._batch(texts, add_special_tokens=False)]
         sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(sizes.sum()))
@@ -59,18 +69,33 @@ class GigatokenEncoder:
     def __init__(self, tokenizer_json: Path) -> None:
         import gigatoken
 
-        self.tok = gigatoken.Tokenizer.from_json(Path(tokenizer_json).read_bytes())
+        self.raw = Path(tokenizer_json).read_bytes()
+        self.tok = gigatoken.Tokenizer.from_json(self.raw)
+        self._plain = None
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str], plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(flat, sizes)`` (int64); ``plain``: special-token text stays ordinary text."""
         import awkward as ak
 
-        out = self.tok.encode_batch(texts, parallel=False)
+        if plain and self._plain is None:
+            import gigatoken
+
+            self._plain = gigatoken.Tokenizer.from_json(without_special_tokens(self.raw))
+        out = (self._plain if plain else self.tok).encode_batch(texts, parallel=False)
         sizes = np.asarray(ak.num(out, axis=1), dtype=np.int64)
         flat = np.asarray(ak.flatten(out, axis=None), dtype=np.int64) if len(texts) else np.zeros(0, np.int64)
         return flat, sizes
 
 
 ENCODERS = {"hf": HFEncoder, "gigatoken": GigatokenEncoder}
+
+
+def without_special_tokens(tokenizer_json: bytes) -> bytes:
+    """``tokenizer.json`` bytes with the special added tokens removed (their ids stay in the model's
+    vocabulary): what ``encode_special_tokens = True`` means, for tokenizers that lack the switch."""
+    spec = json.loads(tokenizer_json)
+    spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t.get("special")]
+    return json.dumps(spec).encode()
 
 
 def build(name: str, tokenizer_json: Path):
@@ -119,12 +144,13 @@ class BackendMismatch(ValueError):
     """``--tokenizer-backend gigatoken`` was asked for, but it cannot give the reference's ids."""
 
 
-def choose(requested: str, tokenizer_json: Path, sample: list[tuple[object, str]]) -> Choice:
+def choose(requested: str, tokenizer_json: Path, sample: list[tuple[object, str]], plain: bool = False) -> Choice:
     """Pick the backend: ``hf`` as asked, or gigatoken once it matched the reference on ``sample``.
 
     Args:
         requested: ``auto``, ``hf`` or ``gigatoken``.
         sample: ``(where, text)`` documents from this run's own input; ``str(where)`` names one.
+        plain: compare in ``--special-tokens plain`` mode (hf's ``encode_special_tokens``).
 
     Raises:
         BackendMismatch: ``requested == "gigatoken"`` and gigatoken is unavailable or differs.
@@ -134,9 +160,12 @@ def choose(requested: str, tokenizer_json: Path, sample: list[tuple[object, str]
         raise ValueError(f"--tokenizer-backend {requested!r}: choose one of {', '.join(BACKENDS)}")
     if requested == "hf":
         return Choice("hf", "hf", "requested")
-    problem, docs, tokens = _check_gigatoken(tokenizer_json, sample)
+    problem, docs, tokens = _check_gigatoken(tokenizer_json, sample, plain)
+    if problem is not None and plain:
+        problem += " (with --special-tokens plain)"
     if problem is None:
-        return Choice(requested, "gigatoken", "ids equal the hf reference on the sample", docs, tokens)
+        mode = " (special-token text as plain text)" if plain else ""
+        return Choice(requested, "gigatoken", f"ids equal the hf reference{mode} on the sample", docs, tokens)
     if requested == "gigatoken":
         raise BackendMismatch(f"--tokenizer-backend gigatoken: {problem}; use --tokenizer-backend hf")
     # A difference deserves a warning; a tokenizer gigatoken does not support is routine.
@@ -164,10 +193,13 @@ def probes(tok) -> list[str]:
     return [*_EDGE_PROBES, *(p for t in added for p in (f"a{t}b", f"a {t} b", f" {t}", f"{t}{t}", f"x\n{t}\ny"))]
 
 
-def _check_gigatoken(tokenizer_json: Path, sample: list[tuple[object, str]]) -> tuple[str | None, int, int]:
+def _check_gigatoken(
+    tokenizer_json: Path, sample: list[tuple[object, str]], plain: bool = False
+) -> tuple[str | None, int, int]:
     """(None, documents, tokens) when gigatoken equals the reference on ``sample``, else (why, ...)."""
     try:
         fast = build("gigatoken", tokenizer_json)
+        fast.encode(["probe"], plain=plain)  # plain mode loads a second tokenizer: fail here, not in a worker
     except ImportError:
         return "the gigatoken package is not installed", 0, 0
     except Exception as e:  # gigatoken raises plain exceptions for tokenizers it does not support
@@ -175,8 +207,8 @@ def _check_gigatoken(tokenizer_json: Path, sample: list[tuple[object, str]]) -> 
     ref = build("hf", tokenizer_json)
     sample = [*sample, *(("probe " + repr(t), t) for t in probes(ref.tok))]
     texts = [t for _, t in sample]
-    got_flat, got_sizes = fast.encode(texts)
-    ref_flat, ref_sizes = ref.encode(texts)
+    got_flat, got_sizes = fast.encode(texts, plain=plain)
+    ref_flat, ref_sizes = ref.encode(texts, plain=plain)
     if np.array_equal(got_sizes, ref_sizes) and np.array_equal(got_flat, ref_flat):
         return None, len(texts), int(ref_sizes.sum())
     ends_got, ends_ref = np.cumsum(got_sizes), np.cumsum(ref_sizes)

@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from titanenv.data.documents import DEFAULT_MAX_DOCUMENT_CHARS
+
 log = logging.getLogger("titanenv.preprocess")
 
 _INPUT_HELP = (
@@ -101,6 +103,31 @@ def preprocess(
     on_error: Annotated[
         str, typer.Option("--on-error", help="skip: count and drop bad documents; fail: stop at the first.")
     ] = "skip",
+    special_tokens: Annotated[
+        str,
+        typer.Option(
+            "--special-tokens",
+            help="Special-token text inside a document (e.g. '<|endoftext|>'): 'parse' makes it that token's id, "
+            "as Megatron-LM and Tokenizer.encode do, so it acts as a document boundary; 'plain' tokenizes it as "
+            "ordinary text. Documents holding such text are counted in the manifest (documents_with_special_text).",
+        ),
+    ] = "parse",
+    max_document_chars: Annotated[
+        int,
+        typer.Option(
+            "--max-document-chars",
+            min=1,
+            help="Reject longer documents (characters per --json-keys field) as too_long: tokenizing one takes "
+            "about 110 bytes of memory per character with hf, 8 with gigatoken (10M characters: ~1.3 GB per worker).",
+        ),
+    ] = DEFAULT_MAX_DOCUMENT_CHARS,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Write (or --merge) outputs with no tokens instead of failing (every document rejected, none read).",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the inputs, each task's pieces and the outputs; write nothing.")
     ] = False,
@@ -125,7 +152,7 @@ def preprocess(
 
     shards = num_shards if num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
     if merge:
-        report(pp.merge(output_prefix, shards))
+        report(pp.merge(output_prefix, shards, allow_empty=allow_empty))
         return
     inputs = [*input, *(paths or [])]
     if not inputs:
@@ -152,6 +179,9 @@ def preprocess(
             seed=seed,
             val_fraction=val_fraction,
             val_output_prefix=val_output_prefix,
+            special_tokens=special_tokens,
+            max_document_chars=max_document_chars,
+            allow_empty=allow_empty,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -159,7 +189,7 @@ def preprocess(
         pp.dry_run(cfg)
         return
     if submit_merge and index == 0 and shards > 1:
-        _submit_merge(output_prefix, shards)
+        _submit_merge(output_prefix, shards, allow_empty)
     report(pp.run(cfg))
 
 
@@ -169,7 +199,7 @@ def _array_index() -> int:
     return int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
 
 
-def _submit_merge(prefix: Path, shards: int) -> None:
+def _submit_merge(prefix: Path, shards: int, allow_empty: bool = False) -> None:
     """Submit `titanenv preprocess --merge` to run after every task of this array succeeds."""
     job = os.environ["SLURM_ARRAY_JOB_ID"]
     root = os.environ.get("TITANENV_ROOT", str(Path.cwd()))
@@ -183,6 +213,7 @@ def _submit_merge(prefix: Path, shards: int) -> None:
             str(prefix),
             "--num-shards",
             str(shards),
+            *(["--allow-empty"] if allow_empty else []),
         ]
     )
     args = [
@@ -199,7 +230,9 @@ def _submit_merge(prefix: Path, shards: int) -> None:
     for var, flag in (("SLURM_JOB_PARTITION", "--partition"), ("SLURM_JOB_ACCOUNT", "--account")):
         if os.environ.get(var):
             args.append(f"{flag}={os.environ[var]}")
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+    # The job re-enters the image through container_run.sh; it must not inherit "inside already".
+    env = {k: v for k, v in os.environ.items() if k != "_TITANENV_INSIDE"}
+    out = subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout.strip()
     log.info("submitted merge job %s (afterok:%s): %s", out, job, cmd)
 
 
@@ -215,6 +248,16 @@ def report(manifest: dict) -> None:
     )
     if m.get("bom_stripped"):
         print(f"  byte-order marks removed: {m['bom_stripped']}")
+    if m.get("documents_with_special_text"):
+        how = (
+            "tokenized as plain text"
+            if m.get("special_tokens") == "plain"
+            else "parsed into special-token ids (e.g. a document boundary); --special-tokens plain keeps them text"
+        )
+        print(f"  documents holding special-token text: {m['documents_with_special_text']}, {how}")
+    skipped = m.get("files_skipped") or {}
+    if skipped.get("count"):
+        print(f"  files skipped in folder inputs: {skipped['count']} (e.g. {', '.join(skipped['examples'][:3])})")
     for reason, where in m.get("rejected_examples", {}).items():
         print(f"  {reason}: {', '.join(where)}")
     for split, keys in m["outputs"].items():

@@ -4,18 +4,24 @@ Written last and atomically beside each output prefix, so its presence marks the
 complete. Fields (schema 1):
 
 ``titanenv_version``, ``schema``
-``output``            this prefix: ``{"prefix", "split", "key", "documents", "tokens"}``
+``output``            this prefix: ``{"prefix", "split", "key", "documents", "tokens", "max_token_id"}``;
+                      ``max_token_id`` is the largest id in this output's ``.bin`` (int, -1 when it
+                      holds no tokens), for the vocabulary check before training
 ``outputs``           every prefix the run wrote: ``{split: {key: prefix}}``
 ``tokenizer``         ``{"path", "sha256", "vocab_size", "eod_id"}`` (sha256 of ``tokenizer.json``)
 ``backend``           ``{"requested", "used", "reason", "checked_documents", "checked_tokens"}``
 ``dtype``             ``uint16`` or ``int32`` (Megatron codes 8 and 4); ``append_eod``; ``json_keys``
+``special_tokens``    ``parse`` or ``plain`` (``--special-tokens``); ``max_document_chars``
 ``split``             ``{"val_fraction", "seed", "shuffle"}``
 ``shard``             ``{"index", "count"}``, or ``{"merged_from": n}`` after ``--merge``
 ``documents_in`` = ``documents_written`` + ``documents_rejected`` (whole run, all splits)
 ``documents_written_by_split``, ``tokens`` (whole run), ``rejected_by_reason``,
-``rejected_examples`` (first few ``file:line`` per reason), ``bom_stripped``
+``rejected_examples`` (first few ``file:line`` per reason), ``bom_stripped``,
+``documents_with_special_text`` (written documents holding a special token's text, e.g. ``<|endoftext|>``)
 ``inputs``            ``[{"path", "size", "sha256"}]``, each file this run read (sha256 is null
                       in an array task for a file whose first piece another task read)
+``files_skipped``     ``{"count", "examples"}``: files in folder inputs not read (hidden files,
+                      ``.bin``/``.idx``/``.manifest.json`` outputs, ``*.parts/``); ``--dry-run`` lists all
 ``fingerprint``       hash of the settings and input sizes/mtimes; a rerun with the same one skips
 """
 

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from titanenv.data import manifest, outputs
+from titanenv.data import indexed, manifest, outputs
 
 
 def merge(output_prefix: Path, num_shards: int) -> dict:
     """Join the array tasks' outputs ``PREFIX-iiiii-of-nnnnn`` (all complete) into ``PREFIX``, streaming.
 
     Every split and key the tasks wrote is merged. Memory stays constant whatever the number
-    of documents (see :func:`titanenv.data.indexed.concat`).
+    of documents (see :func:`titanenv.data.indexed.concat`). Holds ``PREFIX.lock`` while it
+    runs; every task's index is validated and the free space checked before anything is written.
+    Each merged manifest's ``output.max_token_id`` is the maximum over the tasks (-1: no tokens).
 
     Returns:
         The manifest of the first merged output.
@@ -21,8 +23,16 @@ def merge(output_prefix: Path, num_shards: int) -> dict:
     Raises:
         FileNotFoundError: a task has no manifest (not finished); it is named.
         ValueError: the tasks were run with different tokenizers or settings.
+        indexed.IndexCorrupt: a task's ``.idx`` is damaged or disagrees with its ``.bin`` (named).
+        lock.PrefixInUse: another run writes ``PREFIX`` (its pid and host are named).
+        atomic.DiskFull: less free space than the merged outputs need (both numbers named).
     """
     output_prefix = Path(output_prefix)
+    with outputs.claim(output_prefix):
+        return _merge(output_prefix, num_shards)
+
+
+def _merge(output_prefix: Path, num_shards: int) -> dict:
     manifests = [_shard_manifest(output_prefix, i, num_shards) for i in range(num_shards)]
     for key in ("tokenizer", "dtype", "append_eod", "json_keys", "split", "bases", "schema"):
         if len({repr(m.get(key)) for m in manifests}) > 1:
@@ -47,6 +57,10 @@ def merge(output_prefix: Path, num_shards: int) -> dict:
         }
         for m in manifests
     ]
+    for prefixes in shards.values():
+        for p in prefixes:
+            indexed.validate(p)  # all of them before the first byte is written
+    per_output = {t: {"max_token_id": max((_max_token_id(p) for p in shards[t]), default=-1)} for t in targets}
     used = sorted({u for m in manifests for u in m["backend"]["used"].split("+") if u != "none"}) or ["none"]
     common = {
         **{
@@ -64,7 +78,14 @@ def merge(output_prefix: Path, num_shards: int) -> dict:
         "inputs": _union_inputs(m["inputs"] for m in manifests),
         "fingerprint": manifest.fingerprint([m["fingerprint"] for m in manifests]),
     }
-    return outputs.write(targets, keys, np.dtype(first["dtype"]), common, shards)
+    return outputs.write(targets, keys, np.dtype(first["dtype"]), common, shards, per_output, action="merge into")
+
+
+def _max_token_id(prefix: Path) -> int:
+    """From the task's manifest; tasks written before it was recorded are read (streaming)."""
+    m = manifest.read(prefix)
+    value = (m or {}).get("output", {}).get("max_token_id")
+    return int(value) if value is not None else indexed.max_token_id(prefix)
 
 
 def _shard_manifest(prefix: Path, index: int, count: int) -> dict:

@@ -6,23 +6,74 @@ progress from three shared counters (documents, tokens, input bytes).
 Workers are forked when that is safe (Linux, and this process runs a single thread): they
 inherit the tokenizer the parent has already loaded, so they start at once. Otherwise they are
 spawned and load it themselves. The bytes written are the same either way.
+
+Workers never outlive the parent: each asks the kernel for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``) and also watches its parent pid from a thread, since the kernel
+sends that signal when the parent *thread* that forked it exits, and not at all on other
+systems. SIGTERM or SIGINT of the parent stops every worker at once and exits with 128 + the
+signal number; finished pieces are kept, and their leftovers are swept by the next run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import multiprocessing as mp
+import os
+import signal
 import sys
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import numpy as np
+
+from titanenv import atomic
 from titanenv.data import backends, worker
 from titanenv.data.progress import Progress
+
+log = logging.getLogger("titanenv.preprocess")
+_PR_SET_PDEATHSIG = 1
+_WATCH_S = 0.5  # how often a worker checks that its parent is alive
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class WorkerDied(ChildProcessError):
     """A worker process was killed (signal, out of memory); finished pieces are kept for a rerun."""
+
+
+class Stopped(SystemExit):
+    """The parent got SIGTERM or SIGINT: every worker was stopped. ``code`` is 128 + the signal number."""
+
+
+def _die_with(parent: int) -> None:
+    """Make this worker process exit when process ``parent`` does (see the module docstring)."""
+    if sys.platform == "linux":
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watcher below still works
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_WATCH_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="titanenv-parent-watch", daemon=True).start()
+
+
+def _init(parent: int, counters, tokenizer_json: str, backend: str) -> None:
+    """Pool initializer: tie the worker's life to the parent's, then :func:`worker.init`."""
+    _die_with(parent)
+    # Ctrl-C reaches the whole process group; the parent decides, and stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker.init(counters, tokenizer_json, backend)
 
 
 class Pool:
@@ -33,10 +84,14 @@ class Pool:
         self.job = job
         self.executor: ProcessPoolExecutor | None = None
         self.counters = None
+        self.finished = 0
+        self.todo = 0
+        self._handlers: dict = {}
 
     def __enter__(self) -> Pool:
         if self.n < 1:
             return self  # nothing to tokenize
+        self._catch_stop_signals()
         encoder_args = (self.job.backend, Path(self.job.tokenizer_json))
         backends.build(*encoder_args)  # load once here: forked workers inherit it, spawned ones report errors early
         if self.n > 1:
@@ -45,16 +100,57 @@ class Pool:
             self.executor = ProcessPoolExecutor(
                 self.n,
                 mp_context=ctx,
-                initializer=worker.init,
-                initargs=(self.counters, self.job.tokenizer_json, self.job.backend),
+                initializer=_init,
+                initargs=(os.getpid(), self.counters, self.job.tokenizer_json, self.job.backend),
             )
             self.executor.submit(int).result()  # start the workers now, before this process starts threads
             backends.release()  # the workers tokenize; the parent's copy only costs memory
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.executor:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.executor and isinstance(exc, (Stopped, KeyboardInterrupt)):
+                self._stop_workers()
+                self.executor.shutdown(wait=False, cancel_futures=True)
+            elif self.executor:
+                self.executor.shutdown(wait=True, cancel_futures=True)
+        finally:
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            self._handlers.clear()
+        if isinstance(exc, (Stopped, KeyboardInterrupt)):
+            name = signal.Signals(exc.code - 128).name if isinstance(exc, Stopped) else "SIGINT"
+            log.error(
+                "stopped by %s: %d of %d pieces finished and are kept in %s: rerun the same command to resume",
+                name, self.finished, self.todo, self.job.parts_dir,
+            )
+
+    def _catch_stop_signals(self) -> None:
+        """SIGTERM/SIGINT stop the workers now and raise :class:`Stopped` here (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum, frame) -> None:
+            self._stop_workers()
+            raise Stopped(128 + signum)
+
+        for signum in _STOP_SIGNALS:
+            self._handlers[signum] = signal.signal(signum, stop)
+
+    def _stop_workers(self) -> None:
+        """SIGKILL every worker process and reap it; their temporary files are swept by the next run."""
+        # ProcessPoolExecutor has no public way to stop running tasks before Python 3.14.
+        procs = list((getattr(self.executor, "_processes", None) or {}).values())
+        for p in procs:
+            try:
+                p.kill()
+            except (OSError, ValueError, AttributeError):
+                pass  # already gone
+        for p in procs:
+            try:
+                p.join(5)
+            except (OSError, ValueError, AssertionError):
+                pass
 
     def execute(self, todo: list, progress: Progress):
         """Yield ``(piece index, counts)`` as pieces finish, in any order.
@@ -69,7 +165,7 @@ class Pool:
             yield from self._here(todo, progress)
             return
         pending = {self.executor.submit(worker.run, p, self.job) for p in todo}
-        finished = 0
+        self.todo, self.finished = len(todo), 0
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             progress.update(*self.counters[:])
@@ -78,10 +174,12 @@ class Pool:
                     yield fut.result()
                 except BrokenProcessPool:
                     raise WorkerDied(
-                        f"a worker process died (killed, or out of memory); {finished} of {len(todo)} pieces "
+                        f"a worker process died (killed, or out of memory); {self.finished} of {len(todo)} pieces "
                         f"finished and are kept in {self.job.parts_dir}: rerun the same command to resume"
                     ) from None
-                finished += 1
+                except atomic.DiskFull as e:
+                    raise _with_estimate(e, todo, self.counters[:], self.job) from None
+                self.finished += 1
 
     def _here(self, todo: list, progress: Progress):
         encoder = backends.build(self.job.backend, Path(self.job.tokenizer_json))
@@ -93,8 +191,28 @@ class Pool:
             totals[2] += nbytes
             progress.update(*totals)
 
+        self.todo, self.finished = len(todo), 0
         for p in todo:
-            yield p.index, worker.process(p, self.job, encoder, report)
+            try:
+                yield p.index, worker.process(p, self.job, encoder, report)
+            except atomic.DiskFull as e:
+                raise _with_estimate(e, todo, totals, self.job) from None
+            self.finished += 1
+
+
+def _with_estimate(e: atomic.DiskFull, todo: list, counters, job: worker.PieceJob) -> atomic.DiskFull:
+    """``e`` plus the space the rest of the run needs, scaled from the bytes written per input byte so far."""
+    docs, tokens, read = counters[:3]
+    if tokens <= 0 or read <= 0:
+        return e
+    per_input_byte = (tokens * np.dtype(job.dtype).itemsize + 12 * docs) / read
+    left = max(0, sum(p.size for p in todo) - read)
+    more = int(per_input_byte * left)
+    return atomic.DiskFull(
+        e.errno,
+        f"{e} (estimate: the {left} input bytes not yet tokenized need about {more} bytes more in "
+        f"{job.parts_dir}, and the join then as much again as all the parts)",
+    )
 
 
 def _context():

@@ -18,12 +18,18 @@ plus EOD when asked. The run:
 
 The bytes depend only on the inputs and the settings, never on ``--workers`` or the number of
 array tasks: ``merge`` joins the tasks' outputs in task order, which is piece order.
+
+Empty outputs are errors (:class:`EmptyOutput`, unless ``allow_empty``): a single run fails when
+an output gets no tokens; an array task fails when it read documents and rejected every one, but
+a task that got no pieces (a small input split over many tasks) or an empty validation share
+succeeds with empty outputs, and :func:`merge` fails when the total of an output is empty.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +38,36 @@ import numpy as np
 
 from titanenv import __version__
 from titanenv.data import backends, indexed, manifest, outputs, pieces, readers, sources, worker
+from titanenv.data import merge as merging
 from titanenv.data import tokenizer as toklib
-from titanenv.data.merge import merge
+from titanenv.data.documents import DEFAULT_MAX_DOCUMENT_CHARS, MissingKey
 from titanenv.data.outputs import prefix_for, shard_prefix
 from titanenv.data.pool import Pool, WorkerDied
 from titanenv.data.progress import Progress
 from titanenv.data.worker import BadDocument
 
-__all__ = ["PreprocessConfig", "run", "merge", "dry_run", "BadDocument", "WorkerDied", "shard_prefix", "prefix_for"]
+__all__ = [
+    "PreprocessConfig",
+    "run",
+    "merge",
+    "dry_run",
+    "BadDocument",
+    "EmptyOutput",
+    "MissingKey",
+    "DEFAULT_MAX_DOCUMENT_CHARS",
+    "WorkerDied",
+    "shard_prefix",
+    "prefix_for",
+]
 log = logging.getLogger("titanenv.preprocess")
 MANIFEST_SUFFIX = manifest.SUFFIX
 _SAMPLE_CHARS = 1 << 18  # text checked against the reference before a gigatoken run (~0.2 s of hf)
 _SAMPLE_PIECES = 8
+_SKIPPED_EXAMPLES = 5
+
+
+class EmptyOutput(ValueError):
+    """An output would hold no tokens (every document rejected, or none read); ``allow_empty`` permits it."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,13 @@ class PreprocessConfig:
     """Send this fraction of documents (by a seeded hash of the text) to a validation output."""
     val_output_prefix: Path | None = None
     """Where the validation split goes (default ``<output-prefix>_val``)."""
+    special_tokens: str = "parse"
+    """``parse``: special-token text in a document (``<|endoftext|>``) becomes that token's id, as in
+    Megatron-LM and ``Tokenizer.encode``; ``plain``: it is tokenized as ordinary text."""
+    max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS
+    """Longer texts are rejected as ``too_long``: the tokenizer's memory grows with the document."""
+    allow_empty: bool = False
+    """Write outputs with no tokens instead of failing (:class:`EmptyOutput`)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +119,8 @@ class PreprocessConfig:
                 f"--tokenizer-backend must be one of {', '.join(backends.BACKENDS)}",
             ),
             (self.text_document in ("file", "line"), "--text-document must be file or line"),
+            (self.special_tokens in ("parse", "plain"), "--special-tokens must be parse or plain"),
+            (self.max_document_chars >= 1, "--max-document-chars must be positive"),
             (self.workers >= 1, "--workers must be at least 1"),
             (
                 self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
@@ -122,10 +155,13 @@ class _Plan:
     pieces: list[pieces.Piece]
     mine: list[pieces.Piece]
     outputs: dict[tuple[str, int], Path]
+    skipped: list[Path]
+    """Files in folder inputs that are not read (hidden, tokenized outputs)."""
 
 
 def _plan(cfg: PreprocessConfig) -> _Plan:
-    files = sources.expand(cfg.inputs)
+    skipped: list[Path] = []
+    files = sources.expand(cfg.inputs, skipped)
     piece_bytes = piece_size(cfg.piece_mb, sum(f.size for f in files))
     planned = pieces.plan(files, piece_bytes, cfg.text_document)
     ordered = pieces.shuffled(planned, cfg.seed) if cfg.shuffle else planned
@@ -136,7 +172,7 @@ def _plan(cfg: PreprocessConfig) -> _Plan:
         for split, base in cfg.bases().items()
         for j, key in enumerate(cfg.json_keys)
     }
-    return _Plan(files, piece_bytes, planned, mine, targets)
+    return _Plan(files, piece_bytes, planned, mine, targets, skipped)
 
 
 def piece_size(piece_mb: float | None, total_bytes: int) -> int:
@@ -153,7 +189,8 @@ def dry_run(cfg: PreprocessConfig) -> dict:
     """Print the inputs, the pieces each array task would take and the outputs; write nothing.
 
     Returns:
-        ``{"inputs": [...], "pieces": n, "shards": [[piece indices] per task], "outputs": [...]}``.
+        ``{"inputs": [...], "skipped": [...], "pieces": n, "shards": [[piece indices] per task],
+        "outputs": [...]}``; ``skipped`` lists every file of a folder input that is not read.
 
     Raises:
         sources.InputError, toklib.TokenizerNotFound: as :func:`run`.
@@ -167,6 +204,12 @@ def dry_run(cfg: PreprocessConfig) -> dict:
         print(f"  {f.path}  ({f.format}{', ' + f.compression if f.compression else ''}, {f.size / 1e6:,.1f} MB)")
     if len(plan.files) > 20:
         print(f"  ... and {len(plan.files) - 20} more")
+    if plan.skipped:
+        print(
+            f"skipped {len(plan.skipped)} files in folder inputs (hidden, or .bin/.idx/.manifest.json/.parts outputs):"
+        )
+        for p in plan.skipped:
+            print(f"  {p}")
     ordered = pieces.shuffled(plan.pieces, cfg.seed) if cfg.shuffle else plan.pieces
     print(
         f"pieces: {len(plan.pieces)} of about {plan.piece_bytes / 1e6:g} MB{' (shuffled order)' if cfg.shuffle else ''}"
@@ -185,11 +228,12 @@ def dry_run(cfg: PreprocessConfig) -> dict:
         print(f"  {split} {cfg.json_keys[j]}: {prefix}")
     if cfg.num_shards > 1:
         print(
-            f"  merged by `titanenv preprocess --merge --output-prefix {cfg.output_prefix} --num-shards {cfg.num_shards}`"
+            f"  merged by `titanenv preprocess --merge --output-prefix {shlex.quote(str(cfg.output_prefix))} --num-shards {cfg.num_shards}`"
         )
     print("dry run: nothing written")
     return {
         "inputs": [str(f.path) for f in plan.files],
+        "skipped": [str(p) for p in plan.skipped],
         "pieces": len(plan.pieces),
         "shards": shards,
         "outputs": [str(p) for p in plan.outputs.values()],
@@ -208,8 +252,20 @@ def run(cfg: PreprocessConfig) -> dict:
             ``--append-eod`` without a findable EOD token; bad settings.
         backends.BackendMismatch: ``--tokenizer-backend gigatoken`` differs from the reference.
         BadDocument: a bad document with ``on_error="fail"``.
+        MissingKey: a ``--json-keys`` field is in none of the first documents of an input.
+        EmptyOutput: an output would hold no tokens (see the module doc); finished pieces are kept,
+            so a rerun with ``allow_empty`` only writes the outputs.
         WorkerDied: a worker process was killed; a rerun resumes.
+        lock.PrefixInUse: another run writes this output prefix (its pid and host are named).
+        atomic.DiskFull: the disk is full (path, bytes needed and free named); no temporary file stays.
     """
+    # One run per output prefix; stale temporary files of dead runs go first (outputs.claim).
+    shard = (cfg.shard_index, cfg.num_shards) if cfg.num_shards > 1 else None
+    with outputs.claim(Path(cfg.output_prefix), cfg.bases().values(), shard):
+        return _run(cfg)
+
+
+def _run(cfg: PreprocessConfig) -> dict:
     plan = _plan(cfg)
     info = toklib.load(cfg.tokenizer_model, cfg.eod_token)
     if cfg.append_eod and info.eod_id is None:
@@ -237,9 +293,20 @@ def run(cfg: PreprocessConfig) -> dict:
         shuffle=cfg.shuffle,
         parts_dir=f"{cfg.output_prefix}.parts",
         fingerprint=manifest.fingerprint(settings),
+        max_document_chars=cfg.max_document_chars,
+        special_tokens=cfg.special_tokens,
+        special_texts=_special_texts(info.tokenizer),
     )
     Path(job.parts_dir).mkdir(parents=True, exist_ok=True)
-    stats, choice, inputs = _tokenize(plan, cfg, job)
+    try:
+        stats, choice, inputs = _tokenize(plan, cfg, job)
+    except BaseException:
+        _rmdir_if_empty(Path(job.parts_dir))  # e.g. a wrong --json-keys stopped the first piece
+        raise
+    mine = [stats[p.index] for p in plan.mine]
+    totals = outputs.totals(mine)
+    per_output = _per_output(mine, plan.outputs)
+    _check_not_empty(cfg, plan, totals, per_output)
     common = {
         "schema": manifest.SCHEMA,
         "titanenv_version": __version__,
@@ -255,6 +322,8 @@ def run(cfg: PreprocessConfig) -> dict:
         "dtype": dtype.name,
         "append_eod": cfg.append_eod,
         "json_keys": list(cfg.json_keys),
+        "special_tokens": cfg.special_tokens,
+        "max_document_chars": cfg.max_document_chars,
         "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "shuffle": cfg.shuffle},
         "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
         "pieces": {
@@ -263,12 +332,14 @@ def run(cfg: PreprocessConfig) -> dict:
             "piece_bytes": plan.piece_bytes,
             "text_document": cfg.text_document,
         },
-        **outputs.totals([stats[p.index] for p in plan.mine]),
+        **totals,
+        "documents_with_special_text": sum(s.get("documents_with_special_text", 0) for s in mine),
         "inputs": inputs,
+        "files_skipped": {"count": len(plan.skipped), "examples": [str(p) for p in plan.skipped[:_SKIPPED_EXAMPLES]]},
         "fingerprint": run_fingerprint,
     }
     parts = {(s, j): [worker.part_prefix(job, p.index, s, j) for p in plan.mine] for s, j in plan.outputs}
-    result = outputs.write(plan.outputs, cfg.json_keys, dtype, common, parts)
+    result = outputs.write(plan.outputs, cfg.json_keys, dtype, common, parts, per_output)
     for p in plan.mine:
         for f in Path(job.parts_dir).glob(f"{p.index:06d}.*"):
             f.unlink()
@@ -284,7 +355,8 @@ def _tokenize(plan: _Plan, cfg: PreprocessConfig, job: worker.PieceJob) -> tuple
         log.info("resuming: %d of %d pieces already finished", len(stats), len(plan.mine))
     if todo:
         sample = _sample(todo, cfg) if cfg.tokenizer_backend != "hf" else []
-        choice = backends.choose(cfg.tokenizer_backend, Path(job.tokenizer_json), sample)
+        plain = cfg.special_tokens == "plain"
+        choice = backends.choose(cfg.tokenizer_backend, Path(job.tokenizer_json), sample, plain)
         log.info("tokenizer backend: %s (%s)", choice.used, choice.reason)
     elif plan.mine:
         choice = backends.Choice(cfg.tokenizer_backend, "hf", "every piece was finished by an earlier run")
@@ -310,12 +382,13 @@ def _sample(mine: list, cfg: PreprocessConfig) -> list[tuple[object, str]]:
     budget = _SAMPLE_CHARS // len(picks)
     sample = []
     for piece in picks:
-        reader = readers.read(piece, cfg.json_keys, cfg.text_document)
+        reader = readers.read(piece, cfg.json_keys, cfg.text_document, cfg.max_document_chars)
         used = 0
         for path, n, result in reader:
             if isinstance(result, str):
                 continue
             for text in result.values():
+                text = text[: max(budget - used, 1 << 12)]  # both backends see the same prefix: still a fair check
                 sample.append((_Where(reader, path, n), text))
                 used += len(text)
             if used >= budget:
@@ -348,7 +421,87 @@ def _settings(cfg: PreprocessConfig, plan: _Plan, info, dtype) -> dict:
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "inputs": [[str(f.path), f.format, f.compression, f.size, f.mtime_ns] for f in plan.files],
+        "special_tokens": cfg.special_tokens,
+        "max_document_chars": cfg.max_document_chars,
     }
+
+
+def _special_texts(tok) -> tuple[str, ...]:
+    """The strings of the tokenizer's special added tokens (``<|endoftext|>``...)."""
+    return tuple(sorted({t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content}))
+
+
+def _per_output(piece_stats: list[dict], targets: dict) -> dict:
+    """``{(split, key index): {"max_token_id": int (-1: no tokens), "tokens": int}}`` summed over pieces."""
+    out = {k: {"max_token_id": -1, "tokens": 0} for k in targets}
+    for s in piece_stats:
+        for (split, j), o in out.items():
+            o["max_token_id"] = max(o["max_token_id"], s["max_token_id"][split][j])
+            o["tokens"] += s["tokens_by_key"][split][j]
+    return out
+
+
+def _check_not_empty(cfg: PreprocessConfig, plan: _Plan, totals: dict, per_output: dict) -> None:
+    """Raise :class:`EmptyOutput` for an output without tokens (see the module doc for array tasks)."""
+    if cfg.allow_empty:
+        return
+    empty = [plan.outputs[k] for k, o in per_output.items() if o["tokens"] == 0]
+    if not empty:
+        return
+    read, rejected = totals["documents_in"], totals["documents_rejected"]
+    if cfg.num_shards > 1:
+        if not plan.mine:
+            log.info("array task %d has no pieces (a small input): its outputs are empty", cfg.shard_index)
+            return
+        if not (read and rejected == read):
+            for prefix in empty:  # e.g. a validation share too small to get a document: merge checks the total
+                log.warning("%s: no tokens in this array task; the merge fails if every task's is empty", prefix)
+            return
+    reasons = ", ".join(f"{r} {n}" for r, n in totals["rejected_by_reason"].items())
+    examples = "; ".join(f"{r}: {', '.join(w[:2])}" for r, w in totals["rejected_examples"].items())
+    what = (
+        f"every document was rejected: {read} documents ({reasons}; e.g. {examples})"
+        if read and rejected == read
+        else f"{read} documents read, {rejected} rejected"
+    )
+    raise EmptyOutput(
+        f"{empty[0]}: no tokens to write: {what}. Check --input, --json-keys and "
+        "--max-document-chars, or pass --allow-empty to write empty outputs anyway"
+        + (f" ({len(empty)} outputs empty)" if len(empty) > 1 else "")
+    )
+
+
+def merge(output_prefix: Path, num_shards: int, allow_empty: bool = False) -> dict:
+    """Join the array tasks' outputs into ``output_prefix`` (:func:`titanenv.data.merge.merge`).
+
+    Raises:
+        EmptyOutput: the tasks' total for an output holds no tokens, unless ``allow_empty``;
+            nothing is written.
+        FileNotFoundError, ValueError: as :func:`titanenv.data.merge.merge`.
+    """
+    if not allow_empty:
+        _check_shards_not_empty(Path(output_prefix), num_shards)
+    return merging.merge(output_prefix, num_shards)
+
+
+def _check_shards_not_empty(output_prefix: Path, num_shards: int) -> None:
+    tokens: dict[tuple[str, str], int] = {}
+    read = rejected = 0
+    for i in range(num_shards):
+        first = merging._shard_manifest(output_prefix, i, num_shards)
+        read += first["documents_in"]
+        rejected += first["documents_rejected"]
+        for split, keys in first["outputs"].items():
+            for key, prefix in keys.items():
+                m = manifest.read(prefix) or {}
+                tokens[(split, key)] = tokens.get((split, key), 0) + m.get("output", {}).get("tokens", 0)
+    empty = [f"{split} {key}" for (split, key), n in tokens.items() if n == 0]
+    if empty:
+        raise EmptyOutput(
+            f"{output_prefix}: no tokens in any of the {num_shards} array tasks for {', '.join(empty)} "
+            f"({read} documents read, {rejected} rejected; see the tasks' manifests). Check the tasks' "
+            "inputs and flags, or pass --allow-empty to merge anyway"
+        )
 
 
 def _backends_used(piece_stats: list[dict], default: str) -> str:

@@ -1,6 +1,6 @@
 """Stream the documents of one piece, whatever the input format.
 
-``read(piece, keys, text_document)`` returns a :class:`PieceReader`; iterating it yields
+``read(piece, keys, text_document, max_chars)`` returns a :class:`PieceReader`; iterating it yields
 ``(file, number, texts_or_reason)`` with :mod:`titanenv.data.documents` deciding each
 document. Nothing holds more than one line, one table batch, or (one document per file)
 one file in memory. ``number`` is the piece-local line or row; :meth:`PieceReader.where`
@@ -35,10 +35,13 @@ class UnreadableInput(OSError):
 class PieceReader:
     """Iterator over one piece's documents; counts BOMs and the bytes consumed."""
 
-    def __init__(self, piece: Piece, keys: tuple[str, ...], text_document: str) -> None:
+    def __init__(self, piece: Piece, keys: tuple[str, ...], text_document: str, max_chars: int | None = None) -> None:
         self.piece = piece
         self.keys = keys
         self.text_document = text_document
+        self.max_chars = max_chars
+        self.census = documents.KeyCensus(keys)
+        """Which keys the JSON objects read so far hold (JSON lines only: tables check their columns)."""
         self.bom_stripped = 0
         self._raw: io.BufferedReader | None = None  # the on-disk file, for progress
         self._done_bytes = 0
@@ -93,19 +96,26 @@ class PieceReader:
                 if not line.strip():
                     continue  # blank lines are not documents
                 if f.format == "jsonl":
-                    result, bom = documents.from_json_line(line, self.keys)
+                    result, bom = documents.from_json_line(line, self.keys, self.max_chars, self.census)
                 else:
-                    result, bom = documents.from_text_bytes(line.rstrip(b"\r\n"), self.keys[0])
+                    result, bom = documents.from_text_bytes(line.rstrip(b"\r\n"), self.keys[0], self.max_chars)
                 self.bom_stripped += bom
                 yield path, n, result
         self._raw = None
         self._done_bytes = self.piece.size
 
     def _text_files(self) -> Iterator:
+        # UTF-8 has at most 4 bytes per character: more bytes than that is too long without reading it all
+        limit = -1 if self.max_chars is None else 4 * self.max_chars + 4
         for f in self.piece.files:
             with _open_raw(f.path) as raw:
-                data = _decompress(raw, f).read()
-            result, bom = documents.from_text_bytes(data, self.keys[0])
+                stream = _decompress(raw, f)
+                data = stream.read(limit)
+                huge = limit >= 0 and len(data) == limit and stream.read(1) != b""
+            if huge:
+                result, bom = "too_long", False
+            else:
+                result, bom = documents.from_text_bytes(data, self.keys[0], self.max_chars)
             self.bom_stripped += bom
             self._done_bytes += f.size
             yield str(f.path), 1, result
@@ -122,7 +132,7 @@ class PieceReader:
         for batch in pf.iter_batches(batch_size=_TABLE_BATCH, row_groups=groups, columns=list(self.keys)):
             for row in batch.to_pylist():
                 n += 1
-                yield str(f.path), n, documents.from_mapping(row, self.keys)
+                yield str(f.path), n, documents.from_mapping(row, self.keys, self.max_chars)
             self._done_bytes = self.piece.size * n // rows
 
     def _arrow(self, f: InputFile) -> Iterator:
@@ -142,15 +152,19 @@ class PieceReader:
                 part = batch.slice(off, min(_TABLE_BATCH, hi - off)).select(list(self.keys))
                 for row in part.to_pylist():
                     n += 1
-                    yield str(f.path), n, documents.from_mapping(row, self.keys)
+                    yield str(f.path), n, documents.from_mapping(row, self.keys, self.max_chars)
                 if total:
                     self._done_bytes = self.piece.size * n // total
         self._done_bytes = self.piece.size
 
 
-def read(piece: Piece, keys: tuple[str, ...], text_document: str = "file") -> PieceReader:
-    """A reader over ``piece``; iterate it for ``(file, number, texts_or_reason)``."""
-    return PieceReader(piece, keys, text_document)
+def read(piece: Piece, keys: tuple[str, ...], text_document: str = "file", max_chars: int | None = None) -> PieceReader:
+    """A reader over ``piece``; iterate it for ``(file, number, texts_or_reason)``.
+
+    Args:
+        max_chars: texts longer than this (characters) are rejected as ``too_long``; None: no limit.
+    """
+    return PieceReader(piece, keys, text_document, max_chars)
 
 
 def _open_raw(path: Path) -> io.BufferedReader:

@@ -8,7 +8,8 @@ A spec is one of:
 - a glob (``data/**/*.jsonl.gz``), expanded sorted;
 - a directory: a ``save_to_disk`` folder of a Hugging Face dataset (it holds ``state.json``)
   is read as its Arrow files; any other folder as every file below it, sorted, except hidden
-  ones and tokenized outputs (``.bin``, ``.idx``, ``.manifest.json``, ``*.parts/``);
+  ones and tokenized outputs (``.bin``, ``.idx``, ``.manifest.json``, ``*.parts/``); the files
+  skipped are reported (``--dry-run`` lists them, the manifest counts them as ``files_skipped``);
 - ``@LIST``: a file with one spec per line (``#`` comments and blank lines ignored);
   relative paths in it are relative to the list file's folder;
 - ``hf:NAME[?name=CONFIG&split=SPLIT]``: a Hugging Face dataset loaded offline with
@@ -50,37 +51,42 @@ class InputError(FileNotFoundError):
     """An input spec matches nothing or names a file that cannot be read; the message names it."""
 
 
-def expand(specs: list[str | os.PathLike]) -> list[InputFile]:
+def expand(specs: list[str | os.PathLike], skipped: list[Path] | None = None) -> list[InputFile]:
     """Expand ``--input`` specs into files, in order.
+
+    Args:
+        skipped: when given, receives every file a folder spec holds but does not read
+            (hidden files, ``.bin``/``.idx``/``.manifest.json`` outputs, ``*.parts/``), in order.
 
     Raises:
         InputError: a spec matches nothing, or a file is missing or unreadable.
     """
     files: list[InputFile] = []
+    skipped = [] if skipped is None else skipped
     for spec in specs:
-        files += _expand_one(os.fspath(spec), base=Path.cwd())
+        files += _expand_one(os.fspath(spec), base=Path.cwd(), skipped=skipped)
     if not files:
         raise InputError("no input files: pass --input FILE, a glob, a folder, @LIST or hf:NAME")
     return files
 
 
-def _expand_one(spec: str, base: Path) -> list[InputFile]:
+def _expand_one(spec: str, base: Path, skipped: list[Path]) -> list[InputFile]:
     if spec.startswith("hf:"):
         return _hf_dataset(spec)
     if spec.startswith("@"):
-        return _list_file((base / spec[1:]).resolve())
+        return _list_file((base / spec[1:]).resolve(), skipped)
     path = base / spec
     if glob.has_magic(spec):
         matches = sorted(glob.glob(str(path), recursive=True))
         if not matches:
             raise InputError(f"--input {spec}: the pattern matches no file")
-        return [f for m in matches for f in _expand_path(Path(m))]
+        return [f for m in matches for f in _expand_path(Path(m), skipped)]
     if not path.exists():
         raise InputError(f"--input {spec}: no such file or folder")
-    return _expand_path(path)
+    return _expand_path(path, skipped)
 
 
-def _expand_path(path: Path) -> list[InputFile]:
+def _expand_path(path: Path, skipped: list[Path]) -> list[InputFile]:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
@@ -89,9 +95,14 @@ def _expand_path(path: Path) -> list[InputFile]:
             )
         if (path / "state.json").is_file():
             return _saved_dataset(path)
-        found = [p for p in sorted(path.rglob("*")) if p.is_file() and not _skipped(p.relative_to(path))]
+        found, passed = [], []
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                (passed if _skipped(p.relative_to(path)) else found).append(p)
+        skipped += passed
         if not found:
-            raise InputError(f"--input {path}: the folder holds no files")
+            why = f" to read, only skipped ones ({', '.join(p.name for p in passed[:3])}, ...)" if passed else ""
+            raise InputError(f"--input {path}: the folder holds no files{why}")
         return [_file(p) for p in found]
     return [_file(path)]
 
@@ -117,7 +128,7 @@ def _skipped(rel: Path) -> bool:
     )
 
 
-def _list_file(path: Path) -> list[InputFile]:
+def _list_file(path: Path, skipped: list[Path]) -> list[InputFile]:
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
@@ -126,7 +137,7 @@ def _list_file(path: Path) -> list[InputFile]:
     for line in lines:
         line = line.strip()
         if line and not line.startswith("#"):
-            files += _expand_one(line, base=path.parent)
+            files += _expand_one(line, base=path.parent, skipped=skipped)
     return files
 
 

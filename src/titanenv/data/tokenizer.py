@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def resolve(model: str | os.PathLike) -> Path:
         raise TokenizerNotFound(
             f"tokenizer {text!r} is not in the local Hugging Face cache "
             f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}). On a login node, run:\n"
-            f"  TITANENV_OFFLINE=0 ./container_run.sh titanenv assets fetch --add tokenizer:{text}"
+            f"  TITANENV_OFFLINE=0 ./container_run.sh titanenv assets fetch --add {shlex.quote('tokenizer:' + text)}"
         )
     raise TokenizerNotFound(f"{text}: no such tokenizer file or folder")
 

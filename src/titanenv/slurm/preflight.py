@@ -6,11 +6,23 @@
                  the driver supports the CUDA version PyTorch was built for;
 ``filesystem``   the run folder is writable (a probe file is written, fsynced and read back)
                  and its checkpoint folder can be listed;
+``checkpoints``  training will not overwrite a checkpoint it must keep: a checkpoint folder with
+                 ``step-N`` folders but no complete one is refused, naming each folder and the
+                 ways out (:func:`titanenv.train.checkpoints.guard`; ``--resume-from step-N
+                 --trust-unmarked`` checks an unmarked one against its DCP ``.metadata``);
 ``assets``       ``titanenv doctor --offline`` for the tokenizer and the training data: both
                  load with the network cut, as on a compute node;
-``rendezvous``   the first node binds the rendezvous ``host:port`` (the name resolves to one of
-                 its own addresses and the port is free); every other node connects to it and
-                 sends its findings. This is also a barrier: the first node waits for every
+``data``         each dataset's index is consistent (:func:`titanenv.data.indexed.validate`),
+                 its manifest names the run's tokenizer, it holds at least one window of
+                 ``seq_len + 1`` tokens, and its largest token id is below the tokenizer's
+                 vocabulary (from the manifest's ``max_token_id``, else scanned once and cached
+                 in ``RUN/cache/`` by the ``.bin``'s size and mtime);
+``rendezvous``   a single node binds and connects to the rendezvous address (``localhost`` for
+                 a standalone run) within a second, so a loopback that is down fails here and
+                 not after minutes of torchrun retries. On several nodes the first node binds
+                 the rendezvous ``host:port`` (the name resolves to one of its own addresses
+                 and the port is free) and connects to it itself; every other node connects
+                 to it and sends its findings. This is also a barrier: the first node waits for every
                  node (naming the missing ones), checks it can see each node's probe file
                  (the run folder is *shared*) and that all nodes see the same checkpoints,
                  then answers every node with one verdict, so all nodes fail or start together.
@@ -43,6 +55,9 @@ import torch.distributed as dist
 from titanenv.assets import doctor
 from titanenv.assets import plan as planlib
 from titanenv.assets import spec as assetspec
+from titanenv.data import indexed
+from titanenv.data import manifest as manifestlib
+from titanenv.data import tokenizer as toklib
 from titanenv.train import checkpoints
 from titanenv.train.rundir import RunDir
 
@@ -53,8 +68,12 @@ __all__ = [
     "Report",
     "allreduce_check",
     "check_assets",
+    "check_checkpoints",
+    "check_data",
     "check_filesystem",
     "check_gpus",
+    "check_loopback",
+    "max_token_id",
     "run",
 ]
 
@@ -106,6 +125,9 @@ class PreflightConfig:
         data: tokenized dataset prefixes the run reads.
         timeout_s: seconds the rendezvous check waits for all nodes.
         assets: run the offline asset check.
+        seq_len: tokens per training sample (the data must hold ``seq_len + 1``); None: not checked.
+        resume_from: ``--resume-from`` step (None: the newest complete checkpoint).
+        trust_unmarked: ``--trust-unmarked``: accept an unmarked ``resume_from`` after checking it.
     """
 
     node: str
@@ -119,6 +141,9 @@ class PreflightConfig:
     data: Sequence[Path] = ()
     timeout_s: float = 120.0
     assets: bool = True
+    seq_len: int | None = None
+    resume_from: int | None = None
+    trust_unmarked: bool = False
 
 
 # ----------------------------------------------------------------------------- local checks
@@ -180,7 +205,7 @@ def check_filesystem(node: str, run: RunDir) -> tuple[Finding, list[int]]:
         steps = checkpoints.complete_steps(run.checkpoints)
     except OSError as e:
         return Finding(node, "filesystem", False, f"cannot write and read {probe}: {e}", fix), []
-    seen = f"complete checkpoints {steps[:3]}{'...' if len(steps) > 3 else ''}" if steps else "no checkpoint yet"
+    seen = f"complete checkpoints {steps[:3]}{'...' if len(steps) > 3 else ''}" if steps else "no complete checkpoint"
     return Finding(node, "filesystem", True, f"{run.root} writable; {seen}"), steps
 
 
@@ -203,6 +228,139 @@ def check_assets(node: str, tokenizer: Path | None, data: Sequence[Path]) -> lis
             )
         ]
     return [Finding(node, "assets", f.ok, f"{f.label}: {f.detail} ({how.split(';')[0]})", f.fix or "") for f in found]
+
+
+def check_checkpoints(node: str, run: RunDir, resume_from: int | None = None, trust_unmarked: bool = False) -> Finding:
+    """Training will overwrite or purge no checkpoint it must keep (:func:`titanenv.train.checkpoints.guard`).
+
+    Fails when ``RUN/checkpoint`` holds ``step-N`` folders but none is complete (each folder is
+    named with its reason, and the fix names ``--resume-from step-N --trust-unmarked`` and a new
+    ``--output-dir``), or when ``resume_from`` is missing, unmarked without ``trust_unmarked``,
+    fails its ``.metadata``/shard check, or is older than another folder.
+    """
+    try:
+        g = checkpoints.guard(run.checkpoints, resume_from, trust_unmarked)
+    except OSError as e:
+        return Finding(node, "checkpoints", False, f"cannot read {run.checkpoints}: {e}",
+                       "give --output-dir a readable folder on a shared filesystem")  # fmt: skip
+    return Finding(node, "checkpoints", g.ok, g.detail, g.fix)
+
+
+MAX_ID_CACHE = "max-token-id.json"
+"""``RUN/cache/max-token-id.json``: ``{bin path: {"size", "mtime_ns", "max_token_id"}}``."""
+
+
+def _manifest_max_id(manifest: dict | None) -> int | None:
+    for where in ((manifest or {}).get("output") or {}, manifest or {}):
+        value = where.get("max_token_id")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def max_token_id(run: RunDir, prefix: Path, manifest: dict | None, *, scan: bool = True) -> tuple[int | None, str]:
+    """The largest token id of ``prefix`` and where it came from.
+
+    From the manifest's ``max_token_id`` when it has one; else from ``RUN/cache/`` when the
+    ``.bin`` still has the cached size and mtime; else (when ``scan``) computed by streaming the
+    ``.bin`` once (:func:`titanenv.data.indexed.max_token_id`) and cached, so requeued attempts
+    do not scan again.
+
+    Returns:
+        ``(max id, source)``; ``(None, "")`` when not known and ``scan`` is False. -1: no tokens.
+    """
+    if (value := _manifest_max_id(manifest)) is not None:
+        return value, f"from {manifestlib.path_for(prefix).name}"
+    b = indexed.bin_path(prefix).resolve()
+    st = b.stat()
+    cache = run.root / "cache" / MAX_ID_CACHE
+    try:
+        entries = json.loads(cache.read_text())
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    hit = entries.get(str(b))
+    if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        return int(hit["max_token_id"]), f"cached in {cache}"
+    if not scan:
+        return None, ""
+    value = indexed.max_token_id(prefix)
+    entries[str(b)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "max_token_id": value}
+    try:
+        checkpoints.write_json_atomic(cache, entries)
+    except OSError:
+        pass  # a read-only run folder fails the filesystem check already
+    return value, f"scanned {b.name} (no manifest), cached in {cache}"
+
+
+def _check_dataset(node: str, run: RunDir, prefix: Path, tok, seq_len: int | None, scan: bool) -> Finding:
+    check = "data"
+    try:
+        tokens = indexed.IndexedDataset(prefix).num_tokens  # opening validates the index (indexed.validate)
+    except (ValueError, OSError) as e:
+        return Finding(node, check, False, str(e), "rebuild it with `titanenv preprocess`, or copy the .bin/.idx pair again")  # fmt: skip
+    try:
+        manifest = manifestlib.check_tokenizer(prefix, tok) if tok is not None else manifestlib.read(prefix)
+    except manifestlib.TokenizerMismatch as e:
+        return Finding(node, check, False, str(e))  # the message says both tokenizers and the fix
+    except ValueError as e:
+        return Finding(node, check, False, str(e), "rerun `titanenv preprocess` for this prefix")
+    window = (seq_len or 0) + 1
+    if tokens < window:
+        need = f"one training window of seq_len + 1 = {window} tokens" if seq_len else "a single token"
+        return Finding(node, check, False, f"{indexed.bin_path(prefix)} holds {tokens} tokens, fewer than {need}",
+                       "tokenize more text into it (`titanenv preprocess`), or pass a shorter --seq-len")  # fmt: skip
+    windows = f", {(tokens - 1) // seq_len:,} windows of {seq_len}+1" if seq_len else ""
+    parts = [f"{prefix}: {tokens:,} tokens{windows}"]
+    if manifest is not None and tok is not None:
+        parts.append("tokenizer matches its manifest")
+    if tok is not None:
+        biggest, source = max_token_id(run, prefix, manifest, scan=scan)
+        if biggest is None:
+            parts.append("token ids checked on the first node")
+        elif biggest >= tok.vocab_size:
+            return Finding(
+                node, check, False,
+                f"{indexed.bin_path(prefix)} holds token id {biggest} ({source}), but the tokenizer {tok.path} has "
+                f"{tok.vocab_size} tokens (ids 0..{tok.vocab_size - 1}), and the model's vocabulary follows it",
+                f"pass --tokenizer with the tokenizer the data was made with (at least {biggest + 1} tokens), "
+                "or tokenize the data again with this one",
+            )  # fmt: skip
+        else:
+            parts.append(f"largest token id {biggest} < {tok.vocab_size} tokens")
+    return Finding(node, check, True, "; ".join(parts))
+
+
+def check_data(
+    node: str,
+    run: RunDir,
+    data: Sequence[Path],
+    tokenizer: Path | None,
+    *,
+    seq_len: int | None = None,
+    scan: bool = True,
+) -> list[Finding]:
+    """One finding per dataset prefix: its index, manifest tokenizer, size and token ids (see the module docstring).
+
+    Args:
+        node: this node's name.
+        run: the run folder (``RUN/cache/`` holds scanned maxima).
+        data: dataset prefixes; one whose ``.bin``/``.idx`` is missing is skipped (the assets check names it).
+        tokenizer: the run's ``tokenizer.json`` or its folder (None: no tokenizer or token-id check).
+        seq_len: tokens per sample; the data must hold ``seq_len + 1`` (None: at least one token).
+        scan: compute a missing maximum token id by reading the ``.bin`` (False on all but the first node).
+    """
+    tok = None
+    if tokenizer is not None:
+        try:
+            tok = toklib.load(tokenizer)
+        except (OSError, ValueError):
+            tok = None  # the assets check names the tokenizer's problem
+    return [
+        _check_dataset(node, run, Path(p), tok, seq_len, scan)
+        for p in data
+        if indexed.bin_path(p).is_file() and indexed.idx_path(p).is_file()
+    ]
 
 
 # ----------------------------------------------------------------------------- rendezvous
@@ -241,6 +399,51 @@ def _bind(node: str, host: str, port: int) -> tuple[socket.socket | None, Findin
     return sock, Finding(node, check, True, f"{host}:{port} bound on {node}")
 
 
+PROBE_TIMEOUT_S = 1.0
+"""Seconds a node may take to connect to its own, bound rendezvous address."""
+
+
+def _probe(sock: socket.socket, node: str, host: str, *, accept: bool) -> Finding | None:
+    """Connect to the listening ``sock`` within :data:`PROBE_TIMEOUT_S`; None when that works.
+
+    ``accept``: also take the connection off the queue (a single node; the first node of
+    several leaves it to the handshake, which drops a client that sends nothing).
+    """
+    port = sock.getsockname()[1]
+    try:
+        with socket.create_connection(sock.getsockname()[:2], timeout=PROBE_TIMEOUT_S):
+            if accept:
+                sock.settimeout(PROBE_TIMEOUT_S)
+                sock.accept()[0].close()
+    except OSError as e:
+        return Finding(
+            node, "rendezvous", False,
+            f"cannot connect to {host}:{port} on {node} although it is bound there ({e}): its network interface "
+            "(loopback for one node) is down, so torchrun's rendezvous would retry for minutes and then fail",
+            "bring the interface up (`ip link set lo up` for loopback); a job started under `unshare -n`, or in a "
+            "container without a network, has none",
+        )  # fmt: skip
+    return None
+
+
+def check_loopback(node: str, host: str = "localhost", port: int = 0) -> Finding:
+    """Bind ``host:port`` (0: any free port) and connect to it within a second.
+
+    ``torchrun --standalone`` meets at ``localhost`` and a single Slurm node at ``127.0.0.1``;
+    with the loopback down (``unshare -n``) the bind works but the connection does not.
+    """
+    sock, bound = _bind(node, host, port)
+    if sock is None:
+        return bound
+    try:
+        sock.listen(1)
+        failed = _probe(sock, node, host, accept=True)
+        port = sock.getsockname()[1]
+    finally:
+        sock.close()
+    return failed or Finding(node, "rendezvous", True, f"{host}:{port} bound and reachable on {node}")
+
+
 def _send(conn: socket.socket, obj: dict) -> None:
     conn.sendall((json.dumps(obj) + "\n").encode())
 
@@ -269,6 +472,8 @@ def serve(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Rep
     peers: list[tuple[socket.socket, dict]] = []
     try:
         sock.listen(max(cfg.nnodes, 8))
+        if (unreachable := _probe(sock, cfg.node, host, accept=False)) is not None:
+            findings.append(unreachable)  # torchrun on this node connects here too; the others still get the verdict
         while len(peers) < cfg.nnodes - 1 and (left := deadline - time.monotonic()) > 0:
             sock.settimeout(left)
             try:
@@ -382,18 +587,19 @@ def run(cfg: PreflightConfig) -> Report:
     """Every check of this node, then the rendezvous check with the other nodes (see the module docstring)."""
     fs, steps = check_filesystem(cfg.node, cfg.run)
     own = [fs]
+    if fs.ok:
+        own.append(check_checkpoints(cfg.node, cfg.run, cfg.resume_from, cfg.trust_unmarked))
     if cfg.gpus > 0:
         own.append(check_gpus(cfg.node, cfg.gpus))
     if cfg.assets:
         own += check_assets(cfg.node, cfg.tokenizer, cfg.data)
-    if cfg.rdzv_endpoint is None:
+    # Cheap checks on every node; the token-id scan (data without a manifest) only on the first.
+    own += check_data(cfg.node, cfg.run, cfg.data, cfg.tokenizer, seq_len=cfg.seq_len, scan=cfg.node_index == 0)
+    if cfg.rdzv_endpoint is None:  # torchrun --standalone meets at localhost
+        own.append(check_loopback(cfg.node))
         return Report(all(f.ok for f in own), own, [f.line() for f in own if not f.ok])
     if cfg.nnodes == 1:
-        host, port = _split_endpoint(cfg.rdzv_endpoint)
-        sock, bound = _bind(cfg.node, host, port)
-        if sock is not None:
-            sock.close()
-        own.append(bound)
+        own.append(check_loopback(cfg.node, *_split_endpoint(cfg.rdzv_endpoint)))
         return Report(all(f.ok for f in own), own, [f.line() for f in own if not f.ok])
     return serve(cfg, own, steps) if cfg.node_index == 0 else join(cfg, own, steps)
 

@@ -109,7 +109,10 @@ def dry_run_text(sub: Submission) -> str:
 
 
 def _sbatch_env(sub: Submission, env: Mapping[str, str]) -> dict[str, str]:
-    return {**env, "TITANENV_ROOT": str(sub.root)}
+    # sbatch exports this environment to the job; a submit from inside the image must not tell
+    # the job's container_run.sh that it is inside already, or the job would skip the image.
+    job_env = {k: v for k, v in env.items() if k != "_TITANENV_INSIDE"}
+    return {**job_env, "TITANENV_ROOT": str(sub.root)}
 
 
 def test_only(sub: Submission, sbatch: str, env: Mapping[str, str] | None = None) -> tuple[int, str]:

@@ -5,14 +5,22 @@ DCP format and folder layout included, is TorchTitan's):
 
 - **Marker.** After a save has finished on every rank, rank 0 lists the folder and writes
   :data:`titanenv.train.checkpoints.MARKER` atomically (for async saves, when the save's
-  future completes). A stale marker in the target folder is removed before saving.
+  future completes). A stale marker in the target folder is removed before saving, and
+  :data:`~titanenv.train.checkpoints.SAVING` left until the marker replaces it, so an
+  interrupted save is known as our own crash debris (a requeue is not refused for it).
 - **Resume.** The load step is the newest folder *with a valid marker*; newer folders
   without one are skipped and every decision is logged (``resume: ...`` lines). Rank 0
   decides and broadcasts, so all ranks load the same step even if their views of the
   filesystem differ (which is logged as an error).
-- **Retention.** ``keep_latest_k`` counts complete checkpoints only. Older complete ones
-  and incomplete folders older than the newest complete one are deleted; the marker goes
-  first, so a purge that is interrupted never leaves a folder that looks complete.
+- **Retention.** ``keep_latest_k`` counts complete checkpoints only. Older complete ones are
+  deleted, and incomplete folders older than the newest complete one only when they are this
+  run's crash debris (newer than the step it resumed from) or an interrupted purge
+  (:func:`titanenv.train.checkpoints.purgeable`). The marker is renamed to
+  :data:`~titanenv.train.checkpoints.PURGING` first, so a purge that is interrupted never
+  leaves a folder that looks complete.
+- **Refusal.** A checkpoint folder holding ``step-N`` folders but no complete one is never
+  trained over (:func:`titanenv.train.checkpoints.guard`; ``titanenv train`` refuses it in
+  preflight already).
 - **Forced save.** :meth:`MarkedCheckpointManager.save_now` writes a full checkpoint at any
   step (the stop-on-signal path of :mod:`titanenv.train.trainer`).
 """
@@ -49,6 +57,10 @@ class MarkedCheckpointManager(CheckpointManager):
     last_saved_step: int = -1
     """The newest step on disk from this process's point of view: saved or resumed from (-1: none)."""
 
+    resume_step: int = -1
+    """The complete checkpoint this run resumed from (-1: a fresh start); incomplete folders older than it are
+    never purged (see :func:`titanenv.train.checkpoints.purgeable`)."""
+
     def _marker_info(self) -> dict[str, object]:
         return {
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -68,7 +80,8 @@ class MarkedCheckpointManager(CheckpointManager):
             return False
         if _rank() == 0:
             # A folder left by an earlier attempt may still hold its marker; it must not vouch for new shards.
-            Path(self._create_checkpoint_id(curr_step), checkpoints.MARKER).unlink(missing_ok=True)
+            # The SAVING tag marks an interrupted save as our own debris.
+            checkpoints.begin_save(self._create_checkpoint_id(curr_step), **self._marker_info())
         saved = super()._save(curr_step, last_step)
         if saved:
             self.last_saved_step = curr_step
@@ -77,6 +90,8 @@ class MarkedCheckpointManager(CheckpointManager):
         return saved
 
     def _load(self, step: int = -1) -> bool:
+        if step != -1:  # --checkpoint.load-step: TorchTitan skips _find_load_step
+            self.resume_step = step
         loaded = super()._load(step)
         if loaded:
             self.last_saved_step = int(self.states[TRAIN_STATE].state_dict()["step"])
@@ -97,7 +112,7 @@ class MarkedCheckpointManager(CheckpointManager):
             return
         self.maybe_wait_for_saving()
         if _rank() == 0:
-            Path(self._create_checkpoint_id(step), checkpoints.MARKER).unlink(missing_ok=True)
+            checkpoints.begin_save(self._create_checkpoint_id(step), **self._marker_info())
         logger.info(f"Saving a full checkpoint at step {step} (stop requested).")
         self.dcp_save(
             self._flattened_model_states_sd(),
@@ -117,15 +132,11 @@ class MarkedCheckpointManager(CheckpointManager):
     def _purge_complete(self) -> None:
         if self.keep_latest_k <= 0 or _rank() != 0:
             return
-        states = checkpoints.scan(self.folder)
-        complete = [s for s in states if s.complete]
-        if not complete:
-            return
-        newest = complete[0].step
-        doomed = complete[self.keep_latest_k :] + [s for s in states if not s.complete and s.step < newest]
+        doomed = checkpoints.purgeable(checkpoints.scan(self.folder), self.keep_latest_k, self.resume_step)
         for state in doomed:
-            # Marker first: an interrupted deletion must never look like a complete checkpoint.
-            (state.path / checkpoints.MARKER).unlink(missing_ok=True)
+            # Marker first: an interrupted deletion must never look complete (nor like someone's unmarked checkpoint).
+            checkpoints.begin_purge(state.path)
+            logger.info(f"retention: deleting {state.path} ({state.reason or 'complete, beyond keep_latest_k'})")
             if self.purge_thread is not None and self.purge_thread.is_alive():
                 self.purge_queue.put(str(state.path))
             else:
@@ -133,6 +144,9 @@ class MarkedCheckpointManager(CheckpointManager):
 
     def _find_load_step(self, folder: str = "") -> int:
         folder = folder or self.folder
+        guard = checkpoints.guard(folder)
+        if not guard.ok:  # `titanenv train` refuses this in preflight; this catches a bare torchrun
+            raise RuntimeError(f"checkpoints: {guard.detail} -- fix: {guard.fix}")
         decision = checkpoints.choose_resume(folder)
         step = decision.step
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -147,4 +161,5 @@ class MarkedCheckpointManager(CheckpointManager):
             step = box[0]
         for line in decision.lines:
             logger.info(line)
+        self.resume_step = step
         return step

@@ -21,7 +21,7 @@ from titanenv import config
 from titanenv.data.indexed import bin_path, idx_path
 from titanenv.slurm import submit as submitlib
 from titanenv.slurm.render import JobSpec
-from titanenv.train import job
+from titanenv.train import checkpoints, job
 
 __all__ = ["evaluate", "stage_tokenizer", "train"]
 
@@ -68,6 +68,18 @@ def _check_data(prefix: Path) -> None:
                 f"{p}: no such file; create the dataset with `titanenv preprocess` and pass its prefix (no extension)",
                 param_hint="--data",
             )
+
+
+def _resume_step(resume_from: str | None, trust_unmarked: bool) -> int | None:
+    if resume_from is None:
+        if trust_unmarked:
+            raise typer.BadParameter("--trust-unmarked needs --resume-from step-N (the checkpoint to check and trust)",
+                                     param_hint="--trust-unmarked")  # fmt: skip
+        return None
+    try:
+        return checkpoints.parse_step(resume_from)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--resume-from") from None
 
 
 def train(
@@ -138,6 +150,22 @@ def train(
     preflight_timeout: Annotated[
         float, typer.Option(help="Seconds the preflight waits for all nodes at the rendezvous.")
     ] = 120.0,
+    resume_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Resume from this checkpoint (step-N under OUTPUT_DIR/checkpoint); no other folder may be newer "
+            "(once a newer one is complete, e.g. on a requeue, the run resumes from that). "
+            "Default: the newest complete checkpoint."
+        ),
+    ] = None,
+    trust_unmarked: Annotated[
+        bool,
+        typer.Option(
+            "--trust-unmarked",
+            help="With --resume-from: accept a checkpoint without titanenv's completion marker after checking its "
+            "DCP .metadata and shard sizes, and mark it complete.",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -186,16 +214,19 @@ def train(
     sbatch script requeues on 75). Under Slurm run it once per node: `srun
     --ntasks-per-node=1 titanenv train ...`, or submit with --submit. Running it again
     with the same --output-dir resumes from the newest complete checkpoint (log lines
-    "resume: ..." and "Training starts at step N+1").
+    "resume: ..." and "Training starts at step N+1"). A run folder whose checkpoints all
+    lack the completion marker is refused (exit 3) rather than overwritten: resume with
+    --resume-from step-N --trust-unmarked, or pass a new --output-dir.
     """
     args = job.TrainArgs(
         data=data, tokenizer=tokenizer, output_dir=output_dir, steps=steps, recipe=recipe, seq_len=seq_len,
         batch_size=batch_size, checkpoint_interval=checkpoint_interval, nproc_per_node=nproc_per_node,
         rdzv_host=rdzv_host, rdzv_port=rdzv_port, eod_token=eod_token, preflight=preflight,
-        preflight_timeout_s=preflight_timeout, extra=tuple(extra or ()),
+        preflight_timeout_s=preflight_timeout, resume_from=_resume_step(resume_from, trust_unmarked),
+        trust_unmarked=trust_unmarked, extra=tuple(extra or ()),
     )  # fmt: skip
     _check_data(data)
-    site = config.load()
+    site = config.load(strict=submit)  # submitting: a misspelt TITANENV_* name is an error
     if submit:
         spec = JobSpec(
             machine=site.config.machine, account=account or site.config.account or "CHANGE_ME",

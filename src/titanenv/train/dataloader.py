@@ -113,6 +113,8 @@ class TokenWindowDataset(IterableDataset, Stateful):
 
     Raises:
         FileNotFoundError: if ``prefix.bin``/``prefix.idx`` is missing.
+        titanenv.data.indexed.IndexCorrupt: (a ``ValueError``) if the index is damaged or
+            disagrees with ``.bin``; checked once here (see :func:`titanenv.data.indexed.validate`).
         ValueError: if the data holds fewer than ``W`` windows.
     """
 
@@ -137,7 +139,9 @@ class TokenWindowDataset(IterableDataset, Stateful):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_world_size})")
         self.prefix = str(prefix)
-        self._tokens = IndexedDataset(prefix).tokens
+        # The windows read only the token stream, so a damaged index would go unnoticed:
+        # IndexedDataset validates it (sizes, pointers, document indices, .bin size) first.
+        self._tokens = IndexedDataset(prefix, check=True).tokens
         self.seq_len = seq_len
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size

@@ -40,6 +40,8 @@ class TrainArgs:
     eod_token: str | None = None
     preflight: bool = True
     preflight_timeout_s: float = 120.0
+    resume_from: int | None = None
+    trust_unmarked: bool = False
     extra: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
@@ -65,6 +67,10 @@ class TrainArgs:
                 out += [flag, str(value)]
         if not self.preflight:
             out.append("--no-preflight")
+        if self.resume_from is not None:
+            out += ["--resume-from", f"step-{self.resume_from}"]
+        if self.trust_unmarked:
+            out.append("--trust-unmarked")
         if self.preflight_timeout_s != TrainArgs.preflight_timeout_s:
             out += ["--preflight-timeout", f"{self.preflight_timeout_s:g}"]
         return out + (["--", *self.extra] if self.extra else [])
@@ -88,6 +94,9 @@ class NodeRun:
         preflight: run the preflight checks.
         preflight_timeout_s: how long the rendezvous check waits for all nodes.
         site: the resolved site configuration (provenance), if any.
+        seq_len: tokens per sample the run trains with (preflight: the data must hold one window).
+        resume_from: ``--resume-from`` step, if given.
+        trust_unmarked: ``--trust-unmarked``.
     """
 
     command: Sequence[str]
@@ -103,6 +112,25 @@ class NodeRun:
     preflight: bool = True
     preflight_timeout_s: float = 120.0
     site: configlib.Resolved | None = field(default=None, repr=False)
+    seq_len: int | None = None
+    resume_from: int | None = None
+    trust_unmarked: bool = False
+
+
+RECIPE_SEQ_LEN = {"titanenv_debug": 512, "titanenv_1b": 2048}
+"""Default ``--training.seq-len`` of each recipe (used by :mod:`titanenv.train.recipes`; here without torch)."""
+
+
+def effective_seq_len(recipe: str, seq_len: int | None, extra: Sequence[str]) -> int | None:
+    """The sequence length TorchTitan will train with: the last ``--training.seq-len`` in ``extra``
+    (the user's flags win), else ``seq_len``, else the recipe's default (None: unknown recipe)."""
+    found = None
+    for i, arg in enumerate(extra):
+        name, eq, value = arg.partition("=")
+        if name in ("--training.seq-len", "--training.seq_len"):
+            value = value if eq else (extra[i + 1] if i + 1 < len(extra) else "")
+            found = int(value) if value.isdigit() else found
+    return found or seq_len or RECIPE_SEQ_LEN.get(recipe)
 
 
 def build_train_command(
@@ -222,4 +250,7 @@ def node_run(
         preflight=args.preflight,
         preflight_timeout_s=args.preflight_timeout_s,
         site=site,
+        seq_len=effective_seq_len(args.recipe, args.seq_len, args.extra),
+        resume_from=args.resume_from,
+        trust_unmarked=args.trust_unmarked,
     )

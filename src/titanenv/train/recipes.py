@@ -56,6 +56,7 @@ from torchtitan.protocols.model_spec import ModelSpec
 from titanenv.train import cpu
 from titanenv.train.checkpointer import MarkedCheckpointManager
 from titanenv.train.dataloader import MegatronDataloader
+from titanenv.train.job import RECIPE_SEQ_LEN
 from titanenv.train.trainer import TitanenvConfig
 from titanenv.train.vocab import VOCAB_MULTIPLE, padded_vocab_size, set_vocab_size, tokenizer_vocab_size
 
@@ -130,7 +131,7 @@ def titanenv_debug() -> TitanenvConfig:
         lr_scheduler=LRSchedulersContainer.Config(
             warmup_steps=2, decay_ratio=0.8, decay_type="linear", min_lr_factor=0.0
         ),
-        training=TrainingConfig(local_batch_size=8, seq_len=512, steps=100),
+        training=TrainingConfig(local_batch_size=8, seq_len=RECIPE_SEQ_LEN["titanenv_debug"], steps=100),
         dataloader=MegatronDataloader.Config(),
         metrics=MetricsProcessor.Config(log_freq=1, enable_tensorboard=True),
         checkpoint=MarkedCheckpointManager.Config(
@@ -158,7 +159,7 @@ def titanenv_1b() -> TitanenvConfig:
         ),
         training=TrainingConfig(
             local_batch_size=4,
-            seq_len=2048,
+            seq_len=RECIPE_SEQ_LEN["titanenv_1b"],
             steps=10000,
             mixed_precision_param="bfloat16",
             mixed_precision_reduce="float32",

@@ -6,7 +6,9 @@ The steps, in order:
 1. the first node (``SLURM_NODEID`` 0, or the only node) records provenance
    (:class:`titanenv.slurm.provenance.Recorder`);
 2. every node runs the preflight (:func:`titanenv.slurm.preflight.run`); on failure all
-   nodes exit with :data:`~titanenv.slurm.preflight.PREFLIGHT_FAILED` before torchrun;
+   nodes exit with :data:`~titanenv.slurm.preflight.PREFLIGHT_FAILED` before torchrun
+   (with ``--no-preflight`` the checkpoint guard still runs); with ``--trust-unmarked`` the
+   first node then marks the checked ``--resume-from`` checkpoint complete;
 3. torchrun starts with SIGUSR1 *ignored* (its agent would die of it; the training
    processes install their own handler);
 4. while it runs, SIGUSR1 to this process creates the stop file (so ``scancel
@@ -24,7 +26,7 @@ import sys
 
 from titanenv.slurm import preflight
 from titanenv.slurm.provenance import Recorder
-from titanenv.train import control
+from titanenv.train import checkpoints, control
 from titanenv.train.job import NodeRun
 
 __all__ = ["STOPPED", "exit_code", "run_node"]
@@ -57,6 +59,9 @@ def _preflight(job: NodeRun) -> bool:
         tokenizer=job.tokenizer,
         data=job.data,
         timeout_s=job.preflight_timeout_s,
+        seq_len=job.seq_len,
+        resume_from=job.resume_from,
+        trust_unmarked=job.trust_unmarked,
     )
     report = preflight.run(cfg)
     for finding in report.findings:
@@ -67,6 +72,31 @@ def _preflight(job: NodeRun) -> bool:
     if not report.ok:
         _say(f"preflight failed: {job.node} does not start training (exit {preflight.PREFLIGHT_FAILED})")
     return report.ok
+
+
+def _checkpoint_guard(job: NodeRun) -> bool:
+    """With --no-preflight, still refuse to train over checkpoints that are not ours to overwrite."""
+    finding = preflight.check_checkpoints(job.node, job.run, job.resume_from, job.trust_unmarked)
+    _say(finding.line())
+    if not finding.ok:
+        _say(f"preflight failed: {job.node} does not start training (exit {preflight.PREFLIGHT_FAILED})")
+    return finding.ok
+
+
+def _trust(job: NodeRun) -> bool:
+    """--trust-unmarked: the first node marks the checked checkpoint complete before torchrun starts."""
+    if not job.trust_unmarked or job.resume_from is None or job.node_index != 0:
+        return True
+    guard = checkpoints.guard(job.run.checkpoints, job.resume_from, job.trust_unmarked)
+    if guard.trust is None:
+        return guard.ok  # already complete (a requeued attempt): nothing to mark
+    try:
+        path = checkpoints.trust(guard.trust, job=os.environ.get("SLURM_JOB_ID", ""))
+    except (OSError, ValueError) as e:
+        _say(f"preflight FAILED on {job.node}: checkpoints: {e}")
+        return False
+    _say(f"checkpoints: --trust-unmarked: marked {guard.trust.path} complete ({path.name}); resuming from it")
+    return True
 
 
 def _torchrun(job: NodeRun) -> int:
@@ -101,7 +131,7 @@ def run_node(job: NodeRun) -> int:
     if recorder is not None:
         path = recorder.start(command=job.command, plan=job.plan, data=job.data, site=job.site, worker_env=job.env)
         _say(f"provenance: {path}")
-    if job.preflight and not _preflight(job):
+    if not (_preflight(job) if job.preflight else _checkpoint_guard(job)) or not _trust(job):
         if recorder is not None:
             recorder.finish(exit_code=preflight.PREFLIGHT_FAILED, status={"state": "preflight failed"})
         return preflight.PREFLIGHT_FAILED
