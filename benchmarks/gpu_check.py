@@ -13,6 +13,8 @@ the running torch. A name that does not resolve is printed with every place that
 ``import-time`` (module level: importing the module fails), ``call-time`` (inside a function) or
 ``guarded`` (inside ``try: ... except ImportError``, AttributeError or Exception), and
 ``train-stage`` when the file is imported, statically, from the train stage's entry modules.
+Keyword arguments are not checked (torch 2.11/2.12's ``create_block_mask`` lacks TorchTitan's
+``separate_full_blocks=``, which only running the ``attention`` step shows).
 
 ``compat`` imports torchtitan 0.3.0 and the train stage and builds the recipe's model on the meta
 device; an ImportError/AttributeError is printed as the exact missing API and the place asking for it.
@@ -500,6 +502,7 @@ def attention(out: Path, recipe: str, data: Path, tokenizer: Path, batch: int, s
                    "flex_seconds_incl_compile": round(t_flex, 1)}  # fmt: skip
             ok &= run["ok"]
             res["runs"].append(run)
+            _write(out, "attention", {**res, "ok": ok})  # kept if a later dtype runs out of time
             print(f"attention {run['dtype']}: flex+doc mask {flex:.6f}, SDPA+block-diagonal {sdpa:.6f}, "
                   f"|diff| {diff:.2e} (tol {tol:g}) {'OK' if run['ok'] else 'FAIL'}; plain causal {causal:.6f} "
                   f"(differs by {abs(flex - causal):.2e}: the mask {'matters' if run['mask_matters'] else 'DOES NOT matter'}); "

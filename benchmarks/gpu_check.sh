@@ -31,12 +31,16 @@
 #   checkpoint  `titanenv train --recipe titanenv_debug` writes a checkpoint on this device ...
 #   eval        ... and `titanenv eval` loads it on the CPU (CUDA_VISIBLE_DEVICES=)
 #
-# Environment: GPU_CHECK_PYTHON (the machine's Python; default python3), GPU_CHECK_IMAGE_SITE (a
-# site-packages folder layered under the venv as if it were the system's: --cpu-check sets it from
-# --imitate-image's venv), GPU_CHECK_VENV (default /tmp/gpu-check-venv, made afresh), GPU_CHECK_BUDGET
-# (seconds for everything; default 450 on the GPU, 1500 on the CPU), GPU_CHECK_STEPS / GPU_CHECK_WARMUP
-# (default 50/10 on the GPU, 8/3 on the CPU), GPU_CHECK_SHIM (auto | 0 | 1; default auto),
-# GPU_CHECK_SKIP (comma-separated step names to leave out, e.g. for a rerun: throughput,api-scan).
+# Environment:
+#   GPU_CHECK_PYTHON     the machine's Python (default: the first of python3, python3.12, python with torch)
+#   GPU_CHECK_IMAGE_SITE a site-packages folder layered under the venv as if it were the system's
+#                        (--cpu-check takes it from --imitate-image's venv at /tmp/gpu-check-image)
+#   GPU_CHECK_VENV       the check venv, made afresh (default /tmp/gpu-check-venv)
+#   GPU_CHECK_BUDGET     seconds for everything (default 460 on the GPU, 1500 on the CPU)
+#   GPU_CHECK_STEPS, GPU_CHECK_WARMUP  steps per launch, and how many are left out (50/10 GPU, 8/3 CPU)
+#   GPU_CHECK_RESERVE    seconds kept for the steps after throughput (default 150)
+#   GPU_CHECK_SHIM       auto | 0 | 1 (default auto)
+#   GPU_CHECK_SKIP       comma-separated steps to leave out, e.g. for a rerun: api-scan,preflight
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="$ROOT/.whl/gpu"
@@ -96,7 +100,7 @@ case "${1:-}" in
     --prepare) prepare; exit $? ;;
     --imitate-image) [[ $# -eq 2 ]] || die "usage: $0 --imitate-image DIR"; imitate_image "$2"; exit $? ;;
     --cpu-check) MODE=cpu; shift ;;
-    -h|--help|"") sed -n '2,40p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help|"") sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d'; exit 0 ;;
 esac
 [[ $# -eq 1 ]] || die "usage: $0 [--cpu-check] OUT"
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)" || die "cannot create $1"
@@ -114,7 +118,13 @@ if [[ $MODE == cpu ]]; then
 else
     BUDGET=${GPU_CHECK_BUDGET:-460} STEPS=${GPU_CHECK_STEPS:-50} WARMUP=${GPU_CHECK_WARMUP:-10} RECIPE=titanenv_1b
 fi
-BASE_PY="${GPU_CHECK_PYTHON:-python3}"
+BASE_PY="${GPU_CHECK_PYTHON:-}"
+if [[ -z $BASE_PY ]]; then  # the machine's Python is the first one that has torch
+    for c in python3 python3.12 python /usr/bin/python3; do
+        command -v "$c" >/dev/null && "$c" -c 'import torch' 2>/dev/null && { BASE_PY=$(command -v "$c"); break; }
+    done
+    BASE_PY=${BASE_PY:-python3}
+fi
 VENV="${GPU_CHECK_VENV:-/tmp/gpu-check-venv}"
 PY="$VENV/bin/python"
 SHIM="${GPU_CHECK_SHIM:-auto}"
@@ -171,13 +181,13 @@ skip() {  # NAME REASON
 environment() {
     date -u +"date: %Y-%m-%d %H:%M UTC"
     echo "mode: $MODE; recipe $RECIPE; $STEPS steps per launch, first $WARMUP left out; budget ${BUDGET}s"
-    echo "host: $(uname -srm); $(nproc) cores; $(free -g | awk '/Mem:/ {print $2 " GiB RAM"}')"
+    echo "host: $(uname -srm); $(nproc) cores; $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2 / 1048576}' /proc/meminfo)"
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
     else
         echo "gpu: none (no nvidia-smi)"
     fi
-    echo "python: $BASE_PY ($("$BASE_PY" -c 'import sys; print(sys.version.split()[0])'))${GPU_CHECK_IMAGE_SITE:+; image site $GPU_CHECK_IMAGE_SITE}"
+    echo "python: $BASE_PY ($("$BASE_PY" -c 'import sys; print(sys.version.split()[0], sys.executable)'))${GPU_CHECK_IMAGE_SITE:+; image site $GPU_CHECK_IMAGE_SITE}"
     echo "wheelhouse: $(ls "$WHEELS"/*.whl 2>/dev/null | wc -l) wheels, $(du -sh "$WHEELS" 2>/dev/null | cut -f1) with the data"
 }
 
@@ -206,7 +216,8 @@ enable_shim() {
     local site
     site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     cp "$STUBS/gpu_check_torch_shim.py" "$site/" &&
-        echo "import gpu_check_torch_shim; gpu_check_torch_shim.apply()" >"$site/zz_gpu_check_torch_shim.pth" &&
+        echo "import os; os.environ.get('GPU_CHECK_NO_SHIM') or __import__('gpu_check_torch_shim').apply()" \
+            >"$site/zz_gpu_check_torch_shim.pth" &&
         "$PY" -c 'import gpu_check_torch_shim as s; print("shim active, provides:", s.PROVIDED or "nothing (this torch has it all)")'
 }
 
@@ -227,6 +238,9 @@ echo "gpu_check ($MODE) -> $OUT"
 environment | tee "$OUT/environment.txt"
 cd "$ROOT" || exit 2
 [[ -f "$WHEELS/requirements.txt" && -f "$DATA.bin" ]] || die "no wheelhouse at $WHEELS: run $0 --prepare first (and carry .whl/gpu)"
+if [[ -z "${GPU_CHECK_IMAGE_SITE:-}" ]] && ! "$BASE_PY" -c 'import torch' 2>/dev/null; then
+    die "$BASE_PY has no torch: set GPU_CHECK_PYTHON to the machine's Python with torch ($(command -v python3 python3.12 python 2>/dev/null | tr '\n' ' '))"
+fi
 
 step venv 180 30 make_venv || { skip rest "no venv"; "$BASE_PY" "$ROOT/benchmarks/gpu_check.py" report "$OUT"; exit 1; }
 LABEL=""
@@ -249,11 +263,11 @@ if [[ $SHIM == 1 ]]; then
     step compat-with-shim 120 20 "$PY" benchmarks/gpu_check.py compat --out "$OUT" --recipe "$RECIPE" --tokenizer "$TOK"
 fi
 [[ -n $LABEL ]] && echo "shim: later steps run$LABEL" >>"$OUT/environment.txt"
-step api-scan 90 15 "$PY" benchmarks/gpu_check.py api-scan --out "$OUT"
+step api-scan 90 15 env GPU_CHECK_NO_SHIM=1 "$PY" benchmarks/gpu_check.py api-scan --out "$OUT"  # the bare torch
 step preflight 60 10 "$PY" benchmarks/gpu_check.py preflight --out "$OUT"
 # Two launches, each half of what is left after keeping ~150 s for attention, checkpoint and eval; the
 # slowest part on the GPU is compilation (the model, the loss and the flex kernels, autotuned).
-LAUNCH=$(( ($(left) - 150) / 2 ))
+LAUNCH=$(( ($(left) - ${GPU_CHECK_RESERVE:-150}) / 2 ))
 (( LAUNCH > 170 )) && [[ $MODE == gpu ]] && LAUNCH=170
 (( LAUNCH > 400 )) && LAUNCH=400
 step throughput $((2 * LAUNCH + 30)) 90 "$PY" benchmarks/train_throughput.py --recipe "$RECIPE" --data "$DATA" \

@@ -146,8 +146,8 @@ print(sorted(attempts))
 
 def test_redact_hides_tokens(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnopqrstuvwxyz0123")
-    assert redact("Authorization: Bearer hf_abcdefghijklmnopqrstuvwxyz0123 ok") == "Authorization: Bearer *** ok"
-    assert redact("other hf_ZZZZZZZZZZZZZZZZZZZZZZZZ") == "other ***"
+    assert redact("Authorization: Bearer hf_abcdefghijklmnopqrstuvwxyz0123 ok") == "Authorization: Bearer <redacted> ok"
+    assert redact("other hf_ZZZZZZZZZZZZZZZZZZZZZZZZ") == "other <redacted>"
     assert redact("hf_home and sha 0123abcd") == "hf_home and sha 0123abcd"
 
 

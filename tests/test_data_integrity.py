@@ -35,8 +35,11 @@ def inputs(sample: Path) -> list[Path]:
 
 def preprocess(sample: Path, prefix: Path, **kw) -> dict:
     cfg = pp.PreprocessConfig(
-        inputs=inputs(sample), output_prefix=prefix, tokenizer_model=str(sample / "gpt2_tokenizer.json"),
-        append_eod=True, **kw,
+        inputs=inputs(sample),
+        output_prefix=prefix,
+        tokenizer_model=str(sample / "gpt2_tokenizer.json"),
+        append_eod=True,
+        **kw,
     )
     return pp.run(cfg)
 
@@ -64,7 +67,9 @@ def test_doctor_fails_on_a_corrupt_idx_naming_the_file(corpus, tmp_path):
     corrupt(indexed.idx_path(bad))
     run = subprocess.run(
         [*CLI, "doctor", "--offline", "--data", str(bad), "--isolation", "guard"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     out = run.stdout + run.stderr
     assert run.returncode != 0, out
@@ -105,8 +110,14 @@ def test_validate_names_the_first_bad_entry(corpus, tmp_path):
     cases = {
         "pointer": (r"pointers\[7\] = 1, but the sizes before it sum to", lambda r, s, p, d: (p + 8 * 7, np.int64(1))),
         "size": (r"sizes\[3\] = -2 is negative", lambda r, s, p, d: (s + 4 * 3, np.int32(-2))),
-        "doc": (r"document_indices\[9\] = 3 does not increase", lambda r, s, p, d: (d + 8 * 9, np.int64(3))),
-        "last": (r"document_indices\[152\] = 153, but there are 152 sequences", lambda r, s, p, d: (d + 8 * 152, np.int64(153))),
+        "doc": (
+            r"document_indices\[9\] = 3 is below document_indices\[8\] = 8",
+            lambda r, s, p, d: (d + 8 * 9, np.int64(3)),
+        ),
+        "last": (
+            r"document_indices\[152\] = 153, but there are 152 sequences",
+            lambda r, s, p, d: (d + 8 * 152, np.int64(153)),
+        ),
     }
     for name, (message, where) in cases.items():
         bad = copy_of(corpus, tmp_path / name)
@@ -156,11 +167,25 @@ def big_corpus(sample: Path, path: Path, copies: int) -> Path:
     return path
 
 
-def preprocess_args(sample: Path, corpus_path: Path, prefix: Path, workers: int = 2, piece_mb: float = 0.2) -> list[str]:
+def preprocess_args(
+    sample: Path, corpus_path: Path, prefix: Path, workers: int = 2, piece_mb: float = 0.2
+) -> list[str]:
     return [
-        *CLI, "preprocess", "--input", str(corpus_path), "--output-prefix", str(prefix),
-        "--tokenizer-model", str(sample / "gpt2_tokenizer.json"), "--append-eod",
-        "--workers", str(workers), "--piece-mb", str(piece_mb), "--tokenizer-backend", "hf",
+        *CLI,
+        "preprocess",
+        "--input",
+        str(corpus_path),
+        "--output-prefix",
+        str(prefix),
+        "--tokenizer-model",
+        str(sample / "gpt2_tokenizer.json"),
+        "--append-eod",
+        "--workers",
+        str(workers),
+        "--piece-mb",
+        str(piece_mb),
+        "--tokenizer-backend",
+        "hf",
     ]
 
 
@@ -204,7 +229,9 @@ def start_busy_run(sample: Path, tmp_path: Path, prefix: Path, copies: int = 10)
     if not corpus_path.exists():
         big_corpus(sample, corpus_path, copies)
     args = preprocess_args(sample, corpus_path, prefix)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "250"})
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "250"}
+    )
     parts = Path(f"{prefix}.parts")
     started = wait_for(lambda: list(parts.glob("*.done.json")) and len(children(proc.pid)) >= 2, proc=proc)
     if not started or proc.poll() is not None:
@@ -253,8 +280,11 @@ def test_sigterm_or_sigint_stops_every_worker_and_a_rerun_resumes_to_the_same_by
     assert not list(tmp_path.rglob("*.tmp.*"))
     pp.run(
         pp.PreprocessConfig(
-            inputs=[tmp_path / "corpus.jsonl"], output_prefix=tmp_path / "clean",
-            tokenizer_model=str(sample / "gpt2_tokenizer.json"), append_eod=True, piece_mb=0.2,
+            inputs=[tmp_path / "corpus.jsonl"],
+            output_prefix=tmp_path / "clean",
+            tokenizer_model=str(sample / "gpt2_tokenizer.json"),
+            append_eod=True,
+            piece_mb=0.2,
             tokenizer_backend="hf",
         )
     )
@@ -364,7 +394,9 @@ def small_disk(tmp_path):
 
 def test_full_disk_while_tokenizing_names_the_path_and_leaves_no_temp_files(sample, tmp_path, small_disk):
     corpus_path = big_corpus(sample, tmp_path / "corpus.jsonl", 3)  # ~3.3 MB of tokens: more than the disk
-    run = subprocess.run(preprocess_args(sample, corpus_path, small_disk / "out"), capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        preprocess_args(sample, corpus_path, small_disk / "out"), capture_output=True, text=True, timeout=600
+    )
     message = run.stdout + run.stderr
     assert run.returncode != 0, message
     assert "no space left on device" in message and str(small_disk) in message, message
@@ -375,7 +407,9 @@ def test_full_disk_while_tokenizing_names_the_path_and_leaves_no_temp_files(samp
 
 def test_full_disk_at_the_join_is_reported_up_front(sample, tmp_path, small_disk):
     corpus_path = big_corpus(sample, tmp_path / "corpus.jsonl", 1)  # parts 1.1 MB + output 1.1 MB > 2 MiB
-    run = subprocess.run(preprocess_args(sample, corpus_path, small_disk / "out"), capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        preprocess_args(sample, corpus_path, small_disk / "out"), capture_output=True, text=True, timeout=600
+    )
     message = run.stdout + run.stderr
     assert run.returncode != 0, message
     assert "needs" in message and "bytes free" in message and str(small_disk) in message, message
@@ -388,8 +422,13 @@ def test_merge_checks_free_space_before_writing(sample, tmp_path, small_disk):
     for i in range(2):  # 2 x 0.55 MB: they fit, the merged 1.1 MB does not
         pp.run(
             pp.PreprocessConfig(
-                inputs=[corpus_path], output_prefix=small_disk / "out", tokenizer_model=str(sample / "gpt2_tokenizer.json"),
-                append_eod=True, shard_index=i, num_shards=2, piece_mb=0.2,
+                inputs=[corpus_path],
+                output_prefix=small_disk / "out",
+                tokenizer_model=str(sample / "gpt2_tokenizer.json"),
+                append_eod=True,
+                shard_index=i,
+                num_shards=2,
+                piece_mb=0.2,
             )
         )
     with pytest.raises(OSError, match=r"merge .*needs \d+ bytes in .*small.*, \d+ bytes free") as err:
@@ -407,8 +446,14 @@ def test_stale_temp_files_of_dead_pids_are_swept_on_the_next_run(sample, tmp_pat
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
         dead, live = dead_pid(), holder.pid
-        stale = [atomic.temp_path(tmp_path / "out.bin", pid=dead), atomic.temp_path(tmp_path / "out.parts" / "000000.train.k0.idx", pid=dead)]
-        kept = [atomic.temp_path(tmp_path / "out.idx", pid=live), atomic.temp_path(tmp_path / "out.bin", pid=dead, host="elsewhere")]
+        stale = [
+            atomic.temp_path(tmp_path / "out.bin", pid=dead),
+            atomic.temp_path(tmp_path / "out.parts" / "000000.train.k0.idx", pid=dead),
+        ]
+        kept = [
+            atomic.temp_path(tmp_path / "out.idx", pid=live),
+            atomic.temp_path(tmp_path / "out.bin", pid=dead, host="elsewhere"),
+        ]
         for p in stale + kept:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(b"x")
@@ -419,3 +464,45 @@ def test_stale_temp_files_of_dead_pids_are_swept_on_the_next_run(sample, tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- item 4 (part): the merged manifest records max_token_id ---
+
+
+def test_merge_records_max_token_id_over_the_shards(sample, tmp_path):
+    for i in range(3):
+        preprocess(sample, tmp_path / "out", shard_index=i, num_shards=3)
+    merged = pp.merge(tmp_path / "out", 3)
+    expected = int(indexed.IndexedDataset(tmp_path / "out").tokens.max())
+    assert merged["output"]["max_token_id"] == expected == 50256
+    on_disk = json.loads(Path(f"{tmp_path / 'out'}.manifest.json").read_text())
+    assert on_disk["output"]["max_token_id"] == expected
+    # Tasks made before manifests recorded it: the merge scans their .bin files instead.
+    for i in range(3):
+        path = Path(f"{tmp_path / f'out-{i:05d}-of-00003'}.manifest.json")
+        m = json.loads(path.read_text())
+        m["output"].pop("max_token_id", None)
+        path.write_text(json.dumps(m))
+    assert pp.merge(tmp_path / "out", 3)["output"]["max_token_id"] == expected
+
+
+def test_merge_keeps_the_special_token_and_skipped_file_records(sample, tmp_path):
+    (tmp_path / "in").mkdir()
+    lines = [json.dumps({"text": f"doc {i} <|endoftext|> tail"}) for i in range(6)]
+    (tmp_path / "in" / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "in" / "old.bin").write_bytes(b"\0")  # a folder input skips it
+    for i in range(2):
+        pp.run(pp.PreprocessConfig(inputs=[tmp_path / "in"], output_prefix=tmp_path / "out",
+                                   tokenizer_model=str(sample / "gpt2_tokenizer.json"), append_eod=True,
+                                   shard_index=i, num_shards=2))  # fmt: skip
+    merged = pp.merge(tmp_path / "out", 2)
+    assert merged["documents_with_special_text"] == 6
+    assert merged["special_tokens"] == "parse" and merged["max_document_chars"] == pp.DEFAULT_MAX_DOCUMENT_CHARS
+    assert merged["files_skipped"]["count"] == 1
+
+
+def test_merge_refuses_tasks_run_with_other_special_token_rules(sample, tmp_path):
+    for i, mode in enumerate(("parse", "plain")):
+        preprocess(sample, tmp_path / "out", shard_index=i, num_shards=2, special_tokens=mode)
+    with pytest.raises(ValueError, match="disagree on special_tokens"):
+        pp.merge(tmp_path / "out", 2)

@@ -87,8 +87,12 @@ def sweep_temp(folder: str | os.PathLike, names: tuple[str, ...] = ("",)) -> lis
             continue
         pid, host = writer
         if host != me:
-            log.info("%s: temporary file of pid %d on host %s; left in place (delete it if no run is active there)",
-                     entry.path, pid, host)
+            log.info(
+                "%s: temporary file of pid %d on host %s; left in place (delete it if no run is active there)",
+                entry.path,
+                pid,
+                host,
+            )
             continue
         if pid == os.getpid() or pid_alive(pid):
             continue

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from titanenv import __version__
+from titanenv import __version__, atomic
 from titanenv.assets import fetchers, lockfile
 from titanenv.assets.cache import CacheLayoutError
-from titanenv.assets.files import atomic_write_json, redact
+from titanenv.assets.files import redact, redacted
 from titanenv.assets.lockfile import LockedAsset
 from titanenv.assets.plan import Plan, Planned
 from titanenv.offline import is_offline
@@ -197,7 +197,7 @@ def write_summary(path: Path, outcomes: list[Outcome], home: Path, lock_path: Pa
     """The summary file (as the old ``download_summary.json``): per asset its status, error, commit and size."""
     totals = {s: sum(o.status == s for o in outcomes) for s in ("fetched", "locked", "failed", "unsupported")}
     totals["bytes"] = sum(o.bytes for o in outcomes)
-    atomic_write_json(path, {
+    atomic.write_json(path, redacted({
         "generated_by": f"titanenv {__version__}",
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -205,7 +205,7 @@ def write_summary(path: Path, outcomes: list[Outcome], home: Path, lock_path: Pa
         "lockfile": os.fspath(lock_path),
         "totals": totals,
         "assets": [asdict(o) for o in outcomes],
-    })  # fmt: skip
+    }))  # fmt: skip
 
 
 def summary_path_for(lock_path: Path) -> Path:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from titanenv.assets import cache
-from titanenv.assets.files import sha256_file
 from titanenv.assets.plan import is_hub_id
 from titanenv.assets.spec import Dataset, ExtraFile, HubModel, Item, Metric, NltkData
+from titanenv.digest import sha256_file
 
 
 @dataclass(frozen=True)

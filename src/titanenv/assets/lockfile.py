@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from titanenv import __version__
-from titanenv.assets.files import atomic_write_json, sha256_file
+from titanenv import __version__, atomic
+from titanenv.assets.files import redacted
+from titanenv.digest import sha256_file
 
 LOCK_SUFFIX = ".lock.json"
 
@@ -108,4 +109,4 @@ def read_or_empty(path: Path) -> Lock:
 
 def write(path: str | os.PathLike, lock: Lock) -> None:
     """Write the lockfile atomically."""
-    atomic_write_json(path, lock.model_dump(mode="json"))
+    atomic.write_json(path, redacted(lock.model_dump(mode="json")))

@@ -24,11 +24,12 @@ from pathlib import Path
 import zstandard
 from pydantic import BaseModel
 
-from titanenv import __version__
+from titanenv import __version__, atomic
 from titanenv.assets import lockfile
 from titanenv.assets.cache import SECRET_NAMES, CacheLayoutError, relative
-from titanenv.assets.files import atomic_write_bytes, atomic_write_json, sha256_file
+from titanenv.assets.files import redacted
 from titanenv.assets.lockfile import Lock
+from titanenv.digest import sha256_file
 
 SHA_HEADER = "TITANENV.sha256"
 
@@ -174,7 +175,7 @@ def pack(
     if summary_path is not None and summary_path.is_file():
         shutil.copyfile(summary_path, out_dir / f"{name}.summary.json")
     sums = "".join(f"{p.sha256}  {p.name}\n" for p in parts)
-    atomic_write_bytes(out_dir / "SHA256SUMS", sums.encode())
+    atomic.write_bytes(out_dir / "SHA256SUMS", sums.encode())
     manifest = Manifest(
         name=name,
         parts=parts,
@@ -183,5 +184,5 @@ def pack(
         files=count,
         bytes=total,
     )
-    atomic_write_json(out_dir / f"{name}.manifest.json", manifest.model_dump(mode="json"))
+    atomic.write_json(out_dir / f"{name}.manifest.json", redacted(manifest.model_dump(mode="json")))
     return manifest

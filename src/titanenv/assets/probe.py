@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from titanenv import offline
-from titanenv.assets.files import atomic_write_json, redact, sha256_file
+from titanenv import atomic, offline
+from titanenv.assets.files import redact, redacted
+from titanenv.digest import sha256_file
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ LOADERS: dict[str, Callable[..., str]] = {
 def main(argv: list[str]) -> int:
     """``probe CHECKS.json RESULTS.json``: run the checks, write the results; exit 0 (the parent judges)."""
     checks = [Check(**c) for c in json.loads(Path(argv[0]).read_text())]
-    atomic_write_json(argv[1], [asdict(r) for r in run_checks(checks)])
+    atomic.write_json(argv[1], redacted([asdict(r) for r in run_checks(checks)]))
     return 0
 
 

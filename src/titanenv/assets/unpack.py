@@ -1,8 +1,8 @@
 """``titanenv assets unpack``: verify archive parts, extract them safely into ``HF_HOME``, verify the result.
 
-Safe: absolute member names, ``..`` components, links (symbolic or hard) that point outside the
-target, paths through a link that leaves it, and device or FIFO members are refused, naming
-the member. Every file is written under a temporary name, checked against its sha256 and
+Safe: each member passes :func:`tarfile.data_filter` (links that point outside the target,
+paths through a link that leaves it, device or FIFO members are refused), and absolute names,
+``..`` components and hard links are refused as well, naming the member. Every file is written under a temporary name, checked against its sha256 and
 renamed, so an interrupted unpack leaves no partial file; a rerun skips files already in place
 and completes the rest. A finished unpack leaves a marker, and a rerun then only re-verifies.
 """
@@ -18,10 +18,12 @@ from pathlib import Path
 
 import zstandard
 
+from titanenv import atomic
 from titanenv.assets import lockfile
-from titanenv.assets.files import CHUNK, atomic_write_bytes, sha256_file
+from titanenv.assets.files import CHUNK
 from titanenv.assets.pack import SHA_HEADER, Manifest
 from titanenv.assets.verify import Problem, verify
+from titanenv.digest import sha256_file
 
 
 class UnpackError(ValueError):
@@ -108,31 +110,47 @@ def unpack(src: Path, home: Path, name: str | None = None) -> tuple[Manifest, li
     problems = verify(lock, home)
     if not problems and not done:
         lockfile.write(marker.parent / f"{manifest.name}.lock.json", lock)  # for `assets verify --lock` here
-        atomic_write_bytes(marker, f"{manifest.name}\n".encode())
+        atomic.write_bytes(marker, f"{manifest.name}\n".encode())
     return manifest, problems, done
 
 
-def _inside(root: Path, path: str) -> bool:
-    real = os.path.realpath(path)
-    return real == str(root) or real.startswith(str(root) + os.sep)
+def _checked(member: tarfile.TarInfo, home: Path) -> tarfile.TarInfo:
+    """``member`` as :func:`tarfile.data_filter` passes it for ``home``, and neither absolute nor ``..`` nor a hard link.
 
+    data_filter follows links already on disk, so a path or link that leaves ``home`` through
+    one is caught; it would strip a leading ``/`` and allow hard links, which are refused here.
 
-def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, home: Path) -> None:
+    Raises:
+        UnpackError: naming the member and why it is unsafe.
+    """
     name = member.name
-    parts = Path(name).parts
-    if not name or os.path.isabs(name) or ".." in parts:
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise UnpackError(f"archive member {name!r}: absolute or '..' path; refusing to unpack")
-    root = Path(os.path.realpath(home))
-    dest = home / name
-    # realpath of the parent follows links already on disk: a path through a link that leaves home is refused.
-    if not _inside(root, str(dest.parent)):
-        raise UnpackError(f"archive member {name!r}: its folder leads outside {home} through a link; refusing")
+    if member.islnk():
+        raise UnpackError(f"archive member {name!r}: hard link; refusing")
+    try:
+        return tarfile.data_filter(member, str(home))
+    except (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError):
+        raise UnpackError(
+            f"archive member {name!r}: link to {member.linkname!r} points outside {home}; refusing"
+        ) from None
+    except tarfile.SpecialFileError:
+        raise UnpackError(f"archive member {name!r}: special file; refusing") from None
+    except (tarfile.OutsideDestinationError, tarfile.AbsolutePathError):
+        raise UnpackError(
+            f"archive member {name!r}: its folder leads outside {home} through a link; refusing"
+        ) from None
+    except tarfile.FilterError as e:
+        raise UnpackError(f"archive member {name!r}: {e}; refusing") from None
+
+
+def _extract(tar: tarfile.TarFile, original: tarfile.TarInfo, home: Path) -> None:
+    member = _checked(original, home)
+    name, dest = member.name, home / member.name
     if member.isdir():
         dest.mkdir(parents=True, exist_ok=True)
     elif member.issym():
         link = member.linkname
-        if os.path.isabs(link) or not _inside(root, os.path.join(os.path.realpath(dest.parent), link)):
-            raise UnpackError(f"archive member {name!r}: link to {link!r} points outside {home}; refusing")
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_symlink() and os.readlink(dest) == link:
             return
@@ -150,9 +168,9 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, home: Path) -> None:
         ):
             return  # in place from an earlier (interrupted) run
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _write(tar.extractfile(member), dest, expected, name)
+        _write(tar.extractfile(original), dest, expected, name)
     else:
-        raise UnpackError(f"archive member {name!r}: {'hard link' if member.islnk() else 'special file'}; refusing")
+        raise UnpackError(f"archive member {name!r}: special file; refusing")
 
 
 def _write(src: io.BufferedReader | None, dest: Path, expected: str | None, name: str) -> None:

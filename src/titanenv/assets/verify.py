@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from titanenv.assets.files import sha256_file
 from titanenv.assets.lockfile import FileEntry, Lock
+from titanenv.digest import sha256_file
 
 
 @dataclass(frozen=True)

@@ -17,23 +17,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from titanenv import __version__
+from titanenv import __version__, atomic
 from titanenv.container.activate import is_sif
+from titanenv.container.client import ClientError, find_runtime
 from titanenv.container.spec import BASE_IMAGE, FLASH_ATTN_VERSION, IMAGE_EXTRAS, ImageSpec
 from titanenv.container.validate import validate
+from titanenv.digest import sha256_file
 from titanenv.env import wheelhouse as wh
-from titanenv.env.lockfile import Lock, LockError, atomic_write
+from titanenv.env.lockfile import Lock, LockError
 from titanenv.env.platforms import ARCHES, Platform
 
 __all__ = ["MODES", "BuildConfig", "BuildError", "main", "run"]
@@ -174,7 +173,7 @@ def run(cfg: BuildConfig, log=print) -> Path | None:
         "mode": cfg.mode,
         "arch": cfg.arch,
         "definition": str(cfg.definition),
-        "definition_sha256": hashlib.sha256(cfg.definition.read_bytes()).hexdigest(),
+        "definition_sha256": sha256_file(cfg.definition),
         "build_args": args,
         "base": cfg.spec.base.ref,
         "lock_sha256": lock.sha256,
@@ -182,22 +181,19 @@ def run(cfg: BuildConfig, log=print) -> Path | None:
         "runtime": cfg.runtime,
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write(
-        staged.with_suffix(".json"), json.dumps(manifest, indent=2) + "\n"
-    )  # written last: the build is complete
-    log(f"staged {staged}; make it active with container/move_built_container_to_active.sh")
+    atomic.write_json(staged.with_suffix(".json"), manifest)  # written last: the build is complete
+    log(
+        f"staged {staged}; check it with `titanenv container verify {staged}`, "
+        "make it active with container/move_built_container_to_active.sh"
+    )
     return staged
 
 
 def _runtime(choice: str) -> str:
-    if choice == "none":
-        raise BuildError(
-            "TITANENV_CONTAINER_RUNTIME=none: there is no image to build (set it to auto, apptainer or singularity)"
-        )
-    for name in [choice] if choice != "auto" else ["apptainer", "singularity"]:
-        if shutil.which(name):
-            return name
-    raise BuildError(f"no {'apptainer or singularity' if choice == 'auto' else choice} on PATH")
+    try:
+        return find_runtime(choice)
+    except ClientError as e:
+        raise BuildError(str(e)) from None
 
 
 def _scratch_env(cfg: BuildConfig) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""``titanenv container``: check, render, build and activate the image; shell and exec in it.
+"""``titanenv container``: check, render, build, verify and activate the image; shell and exec in it.
 
 Register on the main app with ``app.add_typer(container_cli.app, name="container")``.
 ``build`` and ``activate`` are the same code as ``container/build_container.sh`` and
@@ -17,7 +17,9 @@ import typer
 from titanenv import config
 from titanenv.container import activate as activate_mod
 from titanenv.container import build as build_mod
+from titanenv.container import client as client_mod
 from titanenv.container import render as render_mod
+from titanenv.container import verify as verify_mod
 from titanenv.container.spec import shipped_specs
 from titanenv.container.validate import check_file
 from titanenv.env.lockfile import Lock
@@ -110,6 +112,38 @@ def activate(
     """Make a staged image active, keeping the previous one (same as move_built_container_to_active.sh)."""
     _site_environment()
     raise typer.Exit(activate_mod.main([*([str(staged)] if staged else []), *(["--rollback"] if rollback else [])]))
+
+
+@app.command()
+def verify(
+    image: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Built image (.sif).")],
+    definition: Annotated[
+        Optional[Path],
+        typer.Option(exists=True, dir_okay=False, help="Compare with this file (default: container/*.def, rendered)."),
+    ] = None,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="Also import every recorded package inside (exec --nv).")
+    ] = False,
+    runtime: Annotated[
+        Optional[str],
+        typer.Option(help="apptainer, singularity or auto (default: TITANENV_CONTAINER_RUNTIME, else auto)."),
+    ] = None,
+) -> None:
+    """Check a built image: its embedded definition against the rendered .def (sha256), its labels against the pins."""
+    lock = Lock.read(_root() / "env" / "requirements.lock")
+    try:
+        name = client_mod.find_runtime(runtime or os.environ.get("TITANENV_CONTAINER_RUNTIME") or "auto")
+        verdict = verify_mod.verify(image, lock, name, definition)
+        for problem in verdict.problems:
+            typer.echo(f"titanenv container verify: {problem}", err=True)
+        if not verdict.ok:
+            raise typer.Exit(1)
+        typer.echo(f"{image}: definition {verdict.definition} (sha256 {verdict.sha256[:12]}), labels match the pins")
+        if smoke:
+            typer.echo(verify_mod.smoke(image, lock, name, _root(), verdict.arch))
+    except client_mod.ClientError as e:
+        typer.echo(f"titanenv container verify: error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from titanenv import atomic
 from titanenv.container.spec import ImageSpec
-from titanenv.env.lockfile import atomic_write
 from titanenv.templating import environment
 
 __all__ = ["TEMPLATE", "render", "write"]
@@ -27,6 +27,6 @@ def write(specs: list[ImageSpec], out_dir: Path) -> list[Path]:
     paths = []
     for spec in specs:
         path = Path(out_dir) / spec.filename
-        atomic_write(path, render(spec))
+        atomic.write_text(path, render(spec))
         paths.append(path)
     return paths

@@ -3,7 +3,8 @@
 An :class:`ImageSpec` holds every value the definition template needs; ``render`` turns it into
 definition text. Python package versions come from the lock (``env/requirements.lock``, made
 from ``pyproject.toml``), never typed here. What is pinned here is what is not a Python
-dependency: the NGC base image and the flash-attn wheel built for it.
+dependency: the flash-attn wheel built for the NGC base image (``BASE_IMAGE``, pinned in
+``titanenv.env.platforms`` and re-exported here).
 
 Standard library only, so ``container/build_container.sh`` can use it on a fresh login node.
 """
@@ -15,32 +16,11 @@ from dataclasses import dataclass, field
 
 from titanenv import __version__
 from titanenv.env.lockfile import Lock
-from titanenv.env.platforms import ARCHES
+from titanenv.env.platforms import ARCHES, BASE_IMAGE, BaseImage
 
 __all__ = ["BASE_IMAGE", "FLASH_ATTN_VERSION", "SOURCES", "BaseImage", "ImageSpec", "shipped_specs"]
 
-
-@dataclass(frozen=True)
-class BaseImage:
-    """An NGC PyTorch image: the CUDA, NCCL, torch and triton every titanenv job runs on."""
-
-    repository: str = "nvcr.io/nvidia/pytorch"
-    tag: str = "26.09-py3"
-    """NGC 26.09 (September 2026), the newest monthly release when this was pinned: Ubuntu 24.04,
-    Python 3.12, CUDA 13, PyTorch 2.14 (NVIDIA build; torch_checkpointing, a TorchTitan 0.3.0
-    dependency, needs torch >= 2.11). One multi-arch tag serves x86_64 (A100, V100) and
-    aarch64 (GH200). Move it with the lock and re-run the image's %test."""
-    python: str = "3.12"
-    """The image's Python; wheelhouses for the image are made for it."""
-    glibc: str = "2.39"
-    """Ubuntu 24.04's glibc: the newest manylinux tag the image's wheels may carry."""
-
-    @property
-    def ref(self) -> str:
-        return f"{self.repository}:{self.tag}"
-
-
-BASE_IMAGE = BaseImage()
+# BaseImage and BASE_IMAGE (the NGC tag pin) live in env.platforms: env/ never imports container/.
 FLASH_ATTN_VERSION = "2.8.3.post2"
 """flash-attn has no wheels on PyPI; its wheel must be built against the base image's torch, once,
 on a login node (docs/container.md), and put into the wheelhouse. A compute node never compiles it."""

@@ -24,7 +24,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["APP_SECTIONS", "AGENTS", "HEADER_KEYWORDS", "SECTIONS", "Problem", "check_file", "validate"]
+__all__ = ["APP_SECTIONS", "AGENTS", "HEADER_KEYWORDS", "SECTIONS", "Problem", "check_file", "expand", "validate"]
 
 HEADER_KEYWORDS = frozenset(
     {
@@ -143,6 +143,12 @@ def validate(text: str, build_args: dict[str, str] | None = None) -> list[Proble
         problems += _check_sections(stage, defined)
         problems += _check_build_args(text, stage, defined)
     return sorted(problems, key=lambda p: (p.line, p.severity))
+
+
+def expand(text: str, build_args: dict[str, str] | None = None) -> str:
+    """``text`` with every ``{{ VAR }}`` replaced by its build argument, else its ``%arguments`` default."""
+    defined = {k: v for s in _split(text) for k, v in s.arguments().items()}
+    return _substitute(text, {**defined, **(build_args or {})})
 
 
 def _split(text: str) -> list[Stage]:

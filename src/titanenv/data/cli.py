@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from titanenv.data.documents import DEFAULT_MAX_DOCUMENT_CHARS
+from titanenv.data.manifest import Manifest
 
 log = logging.getLogger("titanenv.preprocess")
 
@@ -236,30 +237,30 @@ def _submit_merge(prefix: Path, shards: int, allow_empty: bool = False) -> None:
     log.info("submitted merge job %s (afterok:%s): %s", out, job, cmd)
 
 
-def report(manifest: dict) -> None:
+def report(manifest: Manifest) -> None:
     """Print the balance (documents in = written + rejected), the reasons and the outputs."""
-    m = manifest
-    by_split = m.get("documents_written_by_split", {})
+    m, c = manifest, manifest.counts
+    by_split = c.documents_written_by_split
     split_text = f" ({', '.join(f'{s} {n}' for s, n in by_split.items())})" if len(by_split) > 1 else ""
-    reasons = f" {m['rejected_by_reason']}" if m["rejected_by_reason"] else ""
+    reasons = f" {c.rejected_by_reason}" if c.rejected_by_reason else ""
     print(
-        f"documents in {m['documents_in']} = written {m['documents_written']}{split_text} + rejected {m['documents_rejected']}"
-        f"{reasons}; tokens {m['tokens']}; dtype {m['dtype']}; backend {m['backend']['used']}"
+        f"documents in {c.documents_in} = written {c.documents_written}{split_text} + rejected {c.documents_rejected}"
+        f"{reasons}; tokens {c.tokens}; dtype {m.dtype}; backend {m.backend.used}"
     )
-    if m.get("bom_stripped"):
-        print(f"  byte-order marks removed: {m['bom_stripped']}")
-    if m.get("documents_with_special_text"):
+    if c.bom_stripped:
+        print(f"  byte-order marks removed: {c.bom_stripped}")
+    if c.documents_with_special_text:
         how = (
             "tokenized as plain text"
-            if m.get("special_tokens") == "plain"
+            if m.special_tokens == "plain"
             else "parsed into special-token ids (e.g. a document boundary); --special-tokens plain keeps them text"
         )
-        print(f"  documents holding special-token text: {m['documents_with_special_text']}, {how}")
-    skipped = m.get("files_skipped") or {}
-    if skipped.get("count"):
-        print(f"  files skipped in folder inputs: {skipped['count']} (e.g. {', '.join(skipped['examples'][:3])})")
-    for reason, where in m.get("rejected_examples", {}).items():
+        print(f"  documents holding special-token text: {c.documents_with_special_text}, {how}")
+    if m.files_skipped.count:
+        examples = ", ".join(m.files_skipped.examples[:3])
+        print(f"  files skipped in folder inputs: {m.files_skipped.count} (e.g. {examples})")
+    for reason, where in c.rejected_examples.items():
         print(f"  {reason}: {', '.join(where)}")
-    for split, keys in m["outputs"].items():
+    for split, keys in m.outputs.items():
         for key, prefix in keys.items():
             print(f"  {split} {key}: {prefix}.bin, {prefix}.idx, {prefix}.manifest.json")

@@ -9,7 +9,7 @@ import numpy as np
 from titanenv.data import indexed, manifest, outputs
 
 
-def merge(output_prefix: Path, num_shards: int) -> dict:
+def merge(output_prefix: Path, num_shards: int) -> manifest.Manifest:
     """Join the array tasks' outputs ``PREFIX-iiiii-of-nnnnn`` (all complete) into ``PREFIX``, streaming.
 
     Every split and key the tasks wrote is merged. Memory stays constant whatever the number
@@ -23,6 +23,7 @@ def merge(output_prefix: Path, num_shards: int) -> dict:
     Raises:
         FileNotFoundError: a task has no manifest (not finished); it is named.
         ValueError: the tasks were run with different tokenizers or settings.
+        manifest.ManifestError: a task's manifest misses a field or has one of the wrong type (named).
         indexed.IndexCorrupt: a task's ``.idx`` is damaged or disagrees with its ``.bin`` (named).
         lock.PrefixInUse: another run writes ``PREFIX`` (its pid and host are named).
         atomic.DiskFull: less free space than the merged outputs need (both numbers named).
@@ -32,63 +33,33 @@ def merge(output_prefix: Path, num_shards: int) -> dict:
         return _merge(output_prefix, num_shards)
 
 
-def _merge(output_prefix: Path, num_shards: int) -> dict:
+def _merge(output_prefix: Path, num_shards: int) -> manifest.Manifest:
     manifests = [_shard_manifest(output_prefix, i, num_shards) for i in range(num_shards)]
-    for key in ("tokenizer", "dtype", "append_eod", "json_keys", "split", "bases", "schema"):
-        if len({repr(m.get(key)) for m in manifests}) > 1:
-            raise ValueError(f"the array tasks of {output_prefix} disagree on {key}: rerun them with the same flags")
     first = manifests[0]
-    keys = tuple(first["json_keys"])
-    bases = {s: Path(b) for s, b in first["bases"].items()}
+    keys = first.json_keys
+    bases = {s: Path(b) for s, b in first.bases.items()}
     targets = {(s, j): outputs.prefix_for(bases[s], k, keys) for s in bases for j, k in enumerate(keys)}
     shards = {
         (s, j): [outputs.prefix_for(bases[s], k, keys, (i, num_shards)) for i in range(num_shards)]
         for s in bases
         for j, k in enumerate(keys)
     }
-    stats = [
-        {
-            "documents_in": m["documents_in"],
-            "written": m["documents_written_by_split"],
-            "tokens": m.get("tokens_by_split", {}),
-            "rejected": m["rejected_by_reason"],
-            "examples": m["rejected_examples"],
-            "bom_stripped": m.get("bom_stripped", 0),
-        }
-        for m in manifests
-    ]
+    common = manifest.Manifest.merge(manifests, outputs.outputs_json(targets, keys), str(output_prefix))
     for prefixes in shards.values():
         for p in prefixes:
             indexed.validate(p)  # all of them before the first byte is written
     per_output = {t: {"max_token_id": max((_max_token_id(p) for p in shards[t]), default=-1)} for t in targets}
-    used = sorted({u for m in manifests for u in m["backend"]["used"].split("+") if u != "none"}) or ["none"]
-    common = {
-        **{
-            k: first[k]
-            for k in ("schema", "titanenv_version", "bases", "tokenizer", "dtype", "append_eod", "json_keys", "split")
-        },
-        "outputs": outputs.outputs_json(targets, keys),
-        "backend": {**first["backend"], "used": "+".join(used)},
-        "shard": {"merged_from": num_shards},
-        "pieces": {
-            "count": sum(m["pieces"]["count"] for m in manifests),
-            **{k: v for k, v in first["pieces"].items() if k != "count"},
-        },
-        **outputs.totals(stats),
-        "inputs": _union_inputs(m["inputs"] for m in manifests),
-        "fingerprint": manifest.fingerprint([m["fingerprint"] for m in manifests]),
-    }
-    return outputs.write(targets, keys, np.dtype(first["dtype"]), common, shards, per_output, action="merge into")
+    return outputs.write(targets, keys, np.dtype(first.dtype), common, shards, per_output, action="merge into")
 
 
 def _max_token_id(prefix: Path) -> int:
     """From the task's manifest; tasks written before it was recorded are read (streaming)."""
     m = manifest.read(prefix)
-    value = (m or {}).get("output", {}).get("max_token_id")
+    value = m.output.max_token_id if m is not None and m.output is not None else None
     return int(value) if value is not None else indexed.max_token_id(prefix)
 
 
-def _shard_manifest(prefix: Path, index: int, count: int) -> dict:
+def _shard_manifest(prefix: Path, index: int, count: int) -> manifest.Manifest:
     base = outputs.shard_prefix(prefix, index, count)
     m = manifest.read(base)
     if m is None:  # several keys: the manifest sits beside PREFIX-iiiii-of-nnnnn_<key>
@@ -97,12 +68,3 @@ def _shard_manifest(prefix: Path, index: int, count: int) -> dict:
     if m is None:
         raise FileNotFoundError(f"{manifest.path_for(base)}: array task {index} has not finished; rerun it")
     return m
-
-
-def _union_inputs(lists) -> list[dict]:
-    seen: dict[str, dict] = {}
-    for lst in lists:
-        for item in lst:
-            if item["path"] not in seen or seen[item["path"]]["sha256"] is None:
-                seen[item["path"]] = item
-    return list(seen.values())

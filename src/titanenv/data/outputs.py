@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from titanenv import atomic
-from titanenv.data import indexed, lock, manifest, worker
+from titanenv.data import indexed, lock, manifest
 
 
 @contextmanager
@@ -98,15 +97,16 @@ def write(
     outputs: dict,
     keys: tuple[str, ...],
     dtype: np.dtype,
-    common: dict,
+    common: manifest.Manifest,
     parts: dict,
     per_output: dict | None = None,
     *,
     action: str = "joining the parts into",
-) -> dict:
+) -> manifest.Manifest:
     """Join ``parts[(split, key index)]`` into each output, then write its manifest (last).
 
     Args:
+        common: the run-wide manifest (:meth:`Manifest.build` or :meth:`Manifest.merge`).
         per_output: ``{(split, key index): {"max_token_id": int, ...}}``; its ``max_token_id``
             (-1 when the output has no tokens) goes into that output's ``output`` entry.
         action: names the step in a full-disk message.
@@ -117,9 +117,9 @@ def write(
         indexed.IndexCorrupt: a part's index is damaged (named).
 
     Returns:
-        The first output's manifest: ``common`` plus ``output`` (this prefix, its documents and tokens).
+        The first output's manifest: ``common`` with its ``output`` (this prefix, its documents and tokens).
     """
-    result = None
+    result: manifest.Manifest | None = None
     check_space(
         {
             Path(prefix): sum(
@@ -132,44 +132,11 @@ def write(
     for (split, j), prefix in outputs.items():
         manifest.path_for(prefix).unlink(missing_ok=True)  # the data is about to change
         docs, tokens = indexed.concat(parts[(split, j)], prefix, dtype)
-        m = {
-            **common,
-            "output": {"prefix": str(prefix), "split": split, "key": keys[j], "documents": docs, "tokens": tokens},
-        }
-        if per_output and (split, j) in per_output:
-            m["output"]["max_token_id"] = int(per_output[(split, j)]["max_token_id"])
-        manifest.write(prefix, m)
-        result = result or m
+        top = per_output[(split, j)]["max_token_id"] if per_output and (split, j) in per_output else None
+        m = common.for_output(
+            manifest.OutputRecord(str(prefix), split, keys[j], docs, tokens, None if top is None else int(top))
+        )
+        m.write(prefix)
+        result = m if result is None else result
+    assert result is not None, "outputs holds the train split's first key"
     return result
-
-
-def totals(piece_stats: list[dict]) -> dict:
-    """Sum piece counts; examples keep the first few per reason in piece order."""
-    rejected: Counter = Counter()
-    written: Counter = Counter()
-    tokens: Counter = Counter()
-    examples: dict[str, list[str]] = {}
-    docs_in = bom = 0
-    for s in piece_stats:
-        docs_in += s["documents_in"]
-        bom += s.get("bom_stripped", 0)
-        rejected.update(s["rejected"])
-        written.update(s["written"])
-        tokens.update(s["tokens"])
-        for reason, where in s["examples"].items():
-            examples.setdefault(reason, [])
-            examples[reason] += where[: worker.MAX_EXAMPLES - len(examples[reason])]
-    out = {
-        "documents_in": docs_in,
-        "documents_written": sum(written.values()),
-        "documents_rejected": sum(rejected.values()),
-        "documents_written_by_split": dict(written),
-        "tokens": sum(tokens.values()),
-        "tokens_by_split": dict(tokens),
-        "rejected_by_reason": dict(rejected),
-        "rejected_examples": examples,
-        "bom_stripped": bom,
-    }
-    if out["documents_in"] != out["documents_written"] + out["documents_rejected"]:
-        raise AssertionError(f"document counts do not balance: {out}")  # a bug, never a user error
-    return out

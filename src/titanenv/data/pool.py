@@ -92,6 +92,14 @@ class Pool:
         if self.n < 1:
             return self  # nothing to tokenize
         self._catch_stop_signals()
+        try:
+            self._start()
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
+        return self
+
+    def _start(self) -> None:
         encoder_args = (self.job.backend, Path(self.job.tokenizer_json))
         backends.build(*encoder_args)  # load once here: forked workers inherit it, spawned ones report errors early
         if self.n > 1:
@@ -105,7 +113,6 @@ class Pool:
             )
             self.executor.submit(int).result()  # start the workers now, before this process starts threads
             backends.release()  # the workers tokenize; the parent's copy only costs memory
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -122,7 +129,10 @@ class Pool:
             name = signal.Signals(exc.code - 128).name if isinstance(exc, Stopped) else "SIGINT"
             log.error(
                 "stopped by %s: %d of %d pieces finished and are kept in %s: rerun the same command to resume",
-                name, self.finished, self.todo, self.job.parts_dir,
+                name,
+                self.finished,
+                self.todo,
+                self.job.parts_dir,
             )
 
     def _catch_stop_signals(self) -> None:
@@ -157,6 +167,8 @@ class Pool:
 
         Raises:
             WorkerDied: a worker process was killed; finished pieces stay for a rerun.
+            Stopped: SIGTERM or SIGINT (``SystemExit`` with code 128 + signal); workers are stopped.
+            atomic.DiskFull: the disk filled; the message adds an estimate of the space still needed.
             Whatever a piece raised (``BadDocument``, ``UnreadableInput``...).
         """
         if not todo:

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from titanenv import __version__
 from titanenv.data import backends, indexed, manifest, outputs, pieces, readers, sources, worker
 from titanenv.data import merge as merging
 from titanenv.data import tokenizer as toklib
@@ -44,6 +43,7 @@ from titanenv.data.documents import DEFAULT_MAX_DOCUMENT_CHARS, MissingKey
 from titanenv.data.outputs import prefix_for, shard_prefix
 from titanenv.data.pool import Pool, WorkerDied
 from titanenv.data.progress import Progress
+from titanenv.data.settings import PreprocessConfig
 from titanenv.data.worker import BadDocument
 
 __all__ = [
@@ -63,87 +63,10 @@ log = logging.getLogger("titanenv.preprocess")
 MANIFEST_SUFFIX = manifest.SUFFIX
 _SAMPLE_CHARS = 1 << 18  # text checked against the reference before a gigatoken run (~0.2 s of hf)
 _SAMPLE_PIECES = 8
-_SKIPPED_EXAMPLES = 5
 
 
 class EmptyOutput(ValueError):
     """An output would hold no tokens (every document rejected, or none read); ``allow_empty`` permits it."""
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """What to tokenize, how, and where to write it. Field docs are the CLI's help."""
-
-    inputs: list[str | Path]
-    """Files, globs, folders, ``@LIST`` files or ``hf:NAME`` specs (see :mod:`titanenv.data.sources`)."""
-    output_prefix: Path
-    """Output path without extension; ``.bin``, ``.idx`` and ``.manifest.json`` are added."""
-    tokenizer_model: str
-    """A ``tokenizer.json``, a folder holding one, or a Hub repo id in the local cache."""
-    json_keys: tuple[str, ...] = ("text",)
-    """Fields (or table columns) to tokenize; with several keys each goes to ``PREFIX_<key>``."""
-    append_eod: bool = False
-    eod_token: str | None = None
-    workers: int = 1
-    shard_index: int = 0
-    num_shards: int = 1
-    on_error: str = "skip"
-    """``skip`` counts and drops bad documents; ``fail`` stops at the first."""
-    tokenizer_backend: str = "auto"
-    """``hf`` (reference), ``gigatoken`` (fast, checked against hf), ``auto`` (gigatoken if it matches)."""
-    text_document: str = "file"
-    """Plain-text inputs: one document per ``file`` or per ``line``."""
-    piece_mb: float | None = None
-    """Size of the unit a worker tokenizes (MB of input); also the shuffle block. Default: the
-    input size / 64, between 4 and 256 MB (the same for every array task: it depends on the inputs only)."""
-    shuffle: bool = False
-    """Shuffle documents: pieces in seeded order, documents within each piece permuted."""
-    seed: int = 1234
-    val_fraction: float = 0.0
-    """Send this fraction of documents (by a seeded hash of the text) to a validation output."""
-    val_output_prefix: Path | None = None
-    """Where the validation split goes (default ``<output-prefix>_val``)."""
-    special_tokens: str = "parse"
-    """``parse``: special-token text in a document (``<|endoftext|>``) becomes that token's id, as in
-    Megatron-LM and ``Tokenizer.encode``; ``plain``: it is tokenized as ordinary text."""
-    max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS
-    """Longer texts are rejected as ``too_long``: the tokenizer's memory grows with the document."""
-    allow_empty: bool = False
-    """Write outputs with no tokens instead of failing (:class:`EmptyOutput`)."""
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.on_error in ("skip", "fail"), "--on-error must be skip or fail"),
-            (
-                self.tokenizer_backend in backends.BACKENDS,
-                f"--tokenizer-backend must be one of {', '.join(backends.BACKENDS)}",
-            ),
-            (self.text_document in ("file", "line"), "--text-document must be file or line"),
-            (self.special_tokens in ("parse", "plain"), "--special-tokens must be parse or plain"),
-            (self.max_document_chars >= 1, "--max-document-chars must be positive"),
-            (self.workers >= 1, "--workers must be at least 1"),
-            (
-                self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
-                f"--shard-index {self.shard_index} must be in 0..{self.num_shards - 1} (--num-shards {self.num_shards})",
-            ),
-            (self.piece_mb is None or self.piece_mb > 0, "--piece-mb must be positive"),
-            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-            (-(2**63) <= self.seed < 2**63, "--seed must fit in 64 bits"),
-            (
-                len(self.json_keys) >= 1 and len(set(self.json_keys)) == len(self.json_keys),
-                "--json-keys must name distinct fields",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def bases(self) -> dict[str, Path]:
-        """Output base per split (before shard and key suffixes)."""
-        out = {"train": Path(self.output_prefix)}
-        if self.val_fraction > 0:
-            out["val"] = Path(self.val_output_prefix or f"{self.output_prefix}_val")
-        return out
 
 
 @dataclass
@@ -240,11 +163,11 @@ def dry_run(cfg: PreprocessConfig) -> dict:
     }
 
 
-def run(cfg: PreprocessConfig) -> dict:
+def run(cfg: PreprocessConfig) -> manifest.Manifest:
     """Tokenize this array task's pieces and write ``.bin``/``.idx`` plus a manifest per output.
 
     Returns:
-        The manifest of the first output (train split, first key).
+        The manifest of the first output (train split, first key), as written.
 
     Raises:
         sources.InputError: an input is missing or unreadable (named).
@@ -265,7 +188,7 @@ def run(cfg: PreprocessConfig) -> dict:
         return _run(cfg)
 
 
-def _run(cfg: PreprocessConfig) -> dict:
+def _run(cfg: PreprocessConfig) -> manifest.Manifest:
     plan = _plan(cfg)
     info = toklib.load(cfg.tokenizer_model, cfg.eod_token)
     if cfg.append_eod and info.eod_id is None:
@@ -275,26 +198,19 @@ def _run(cfg: PreprocessConfig) -> dict:
     settings = _settings(cfg, plan, info, dtype)
     run_fingerprint = manifest.fingerprint({**settings, "shard": [cfg.shard_index, cfg.num_shards]})
     primary = plan.outputs[("train", 0)]
-    old = manifest.read(primary)
-    if old and old.get("fingerprint") == run_fingerprint and all(outputs.complete(p) for p in plan.outputs.values()):
+    old = _finished_manifest(primary)
+    if old and old.fingerprint == run_fingerprint and all(outputs.complete(p) for p in plan.outputs.values()):
         log.info("%s: already complete, skipping (delete it to redo)", manifest.path_for(primary))
         return old
 
     job = worker.PieceJob(
+        cfg=cfg,
         tokenizer_json=str(info.path),
         backend="hf",
-        keys=cfg.json_keys,
         eod=settings["eod"],
         dtype=dtype.str,
-        on_error=cfg.on_error,
-        text_document=cfg.text_document,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        shuffle=cfg.shuffle,
         parts_dir=f"{cfg.output_prefix}.parts",
         fingerprint=manifest.fingerprint(settings),
-        max_document_chars=cfg.max_document_chars,
-        special_tokens=cfg.special_tokens,
         special_texts=_special_texts(info.tokenizer),
     )
     Path(job.parts_dir).mkdir(parents=True, exist_ok=True)
@@ -304,40 +220,21 @@ def _run(cfg: PreprocessConfig) -> dict:
         _rmdir_if_empty(Path(job.parts_dir))  # e.g. a wrong --json-keys stopped the first piece
         raise
     mine = [stats[p.index] for p in plan.mine]
-    totals = outputs.totals(mine)
+    counts = manifest.Counts.of_pieces(mine)
     per_output = _per_output(mine, plan.outputs)
-    _check_not_empty(cfg, plan, totals, per_output)
-    common = {
-        "schema": manifest.SCHEMA,
-        "titanenv_version": __version__,
-        "outputs": outputs.outputs_json(plan.outputs, cfg.json_keys),
-        "bases": {s: str(b) for s, b in cfg.bases().items()},
-        "tokenizer": {
-            "path": str(info.path),
-            "sha256": info.sha256,
-            "vocab_size": info.vocab_size,
-            "eod_id": info.eod_id,
-        },
-        "backend": {**choice.as_dict(), "used": _backends_used(list(stats.values()), choice.used)},
-        "dtype": dtype.name,
-        "append_eod": cfg.append_eod,
-        "json_keys": list(cfg.json_keys),
-        "special_tokens": cfg.special_tokens,
-        "max_document_chars": cfg.max_document_chars,
-        "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "shuffle": cfg.shuffle},
-        "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
-        "pieces": {
-            "count": len(plan.mine),
-            "planned": len(plan.pieces),
-            "piece_bytes": plan.piece_bytes,
-            "text_document": cfg.text_document,
-        },
-        **totals,
-        "documents_with_special_text": sum(s.get("documents_with_special_text", 0) for s in mine),
-        "inputs": inputs,
-        "files_skipped": {"count": len(plan.skipped), "examples": [str(p) for p in plan.skipped[:_SKIPPED_EXAMPLES]]},
-        "fingerprint": run_fingerprint,
-    }
+    _check_not_empty(cfg, plan, counts, per_output)
+    common = manifest.Manifest.build(
+        cfg,
+        tokenizer=info,
+        backend=manifest.BackendRecord.of(choice, _backends_used(list(stats.values()), choice.used)),
+        dtype=dtype.name,
+        outputs=outputs.outputs_json(plan.outputs, cfg.json_keys),
+        pieces=manifest.PiecesRecord(len(plan.mine), len(plan.pieces), plan.piece_bytes, cfg.text_document),
+        counts=counts,
+        inputs=inputs,
+        skipped=plan.skipped,
+        fingerprint=run_fingerprint,
+    )
     parts = {(s, j): [worker.part_prefix(job, p.index, s, j) for p in plan.mine] for s, j in plan.outputs}
     result = outputs.write(plan.outputs, cfg.json_keys, dtype, common, parts, per_output)
     for p in plan.mine:
@@ -347,7 +244,9 @@ def _run(cfg: PreprocessConfig) -> dict:
     return result
 
 
-def _tokenize(plan: _Plan, cfg: PreprocessConfig, job: worker.PieceJob) -> tuple[dict, backends.Choice, list[dict]]:
+def _tokenize(
+    plan: _Plan, cfg: PreprocessConfig, job: worker.PieceJob
+) -> tuple[dict, backends.Choice, list[manifest.InputRecord]]:
     """Tokenize the pieces a killed run did not finish. Returns (counts per piece, backend, inputs with sha256)."""
     stats = {p.index: s for p in plan.mine if (s := worker.finished(job, p.index)) is not None}
     todo = [p for p in plan.mine if p.index not in stats]
@@ -408,22 +307,29 @@ class _Where:
         return self.reader.where(self.path, self.number)
 
 
-def _settings(cfg: PreprocessConfig, plan: _Plan, info, dtype) -> dict:
-    """Everything that decides the output bytes; its hash marks finished pieces and outputs."""
+def _settings(cfg: PreprocessConfig, plan: _Plan, info: toklib.TokenizerInfo, dtype: np.dtype) -> dict:
+    """Everything that decides the output bytes; its hash marks finished pieces and outputs.
+
+    The config's fields that change the bytes as they are (``settings.BYTE_FIELDS``), plus what
+    the run derived from the others (``settings.DERIVED_BYTE_FIELDS``)."""
     return {
-        "tokenizer_sha256": info.sha256,
-        "eod": info.eod_id if cfg.append_eod else None,
-        "dtype": dtype.name,
-        "keys": list(cfg.json_keys),
-        "text_document": cfg.text_document,
-        "piece_bytes": plan.piece_bytes,
-        "shuffle": cfg.shuffle,
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
+        **cfg.byte_settings(),
+        "tokenizer_sha256": info.sha256,  # tokenizer_model
+        "eod": info.eod_id if cfg.append_eod else None,  # append_eod, eod_token
+        "dtype": dtype.name,  # the tokenizer's vocabulary size
+        "piece_bytes": plan.piece_bytes,  # piece_mb
         "inputs": [[str(f.path), f.format, f.compression, f.size, f.mtime_ns] for f in plan.files],
-        "special_tokens": cfg.special_tokens,
-        "max_document_chars": cfg.max_document_chars,
     }
+
+
+def _finished_manifest(prefix: Path) -> manifest.Manifest | None:
+    """The manifest an earlier run left at ``prefix``; None when there is none or a field is missing
+    or mistyped (the run redoes it). Raises ValueError when it is not JSON."""
+    try:
+        return manifest.read(prefix)
+    except manifest.ManifestError as e:
+        log.warning("%s; it is written again", e)
+        return None
 
 
 def _special_texts(tok) -> tuple[str, ...]:
@@ -441,14 +347,14 @@ def _per_output(piece_stats: list[dict], targets: dict) -> dict:
     return out
 
 
-def _check_not_empty(cfg: PreprocessConfig, plan: _Plan, totals: dict, per_output: dict) -> None:
+def _check_not_empty(cfg: PreprocessConfig, plan: _Plan, totals: manifest.Counts, per_output: dict) -> None:
     """Raise :class:`EmptyOutput` for an output without tokens (see the module doc for array tasks)."""
     if cfg.allow_empty:
         return
     empty = [plan.outputs[k] for k, o in per_output.items() if o["tokens"] == 0]
     if not empty:
         return
-    read, rejected = totals["documents_in"], totals["documents_rejected"]
+    read, rejected = totals.documents_in, totals.documents_rejected
     if cfg.num_shards > 1:
         if not plan.mine:
             log.info("array task %d has no pieces (a small input): its outputs are empty", cfg.shard_index)
@@ -457,8 +363,8 @@ def _check_not_empty(cfg: PreprocessConfig, plan: _Plan, totals: dict, per_outpu
             for prefix in empty:  # e.g. a validation share too small to get a document: merge checks the total
                 log.warning("%s: no tokens in this array task; the merge fails if every task's is empty", prefix)
             return
-    reasons = ", ".join(f"{r} {n}" for r, n in totals["rejected_by_reason"].items())
-    examples = "; ".join(f"{r}: {', '.join(w[:2])}" for r, w in totals["rejected_examples"].items())
+    reasons = ", ".join(f"{r} {n}" for r, n in totals.rejected_by_reason.items())
+    examples = "; ".join(f"{r}: {', '.join(w[:2])}" for r, w in totals.rejected_examples.items())
     what = (
         f"every document was rejected: {read} documents ({reasons}; e.g. {examples})"
         if read and rejected == read
@@ -471,7 +377,7 @@ def _check_not_empty(cfg: PreprocessConfig, plan: _Plan, totals: dict, per_outpu
     )
 
 
-def merge(output_prefix: Path, num_shards: int, allow_empty: bool = False) -> dict:
+def merge(output_prefix: Path, num_shards: int, allow_empty: bool = False) -> manifest.Manifest:
     """Join the array tasks' outputs into ``output_prefix`` (:func:`titanenv.data.merge.merge`).
 
     Raises:
@@ -489,12 +395,13 @@ def _check_shards_not_empty(output_prefix: Path, num_shards: int) -> None:
     read = rejected = 0
     for i in range(num_shards):
         first = merging._shard_manifest(output_prefix, i, num_shards)
-        read += first["documents_in"]
-        rejected += first["documents_rejected"]
-        for split, keys in first["outputs"].items():
+        read += first.counts.documents_in
+        rejected += first.counts.documents_rejected
+        for split, keys in first.outputs.items():
             for key, prefix in keys.items():
-                m = manifest.read(prefix) or {}
-                tokens[(split, key)] = tokens.get((split, key), 0) + m.get("output", {}).get("tokens", 0)
+                m = manifest.read(prefix)
+                n = m.output.tokens if m is not None and m.output is not None else 0
+                tokens[(split, key)] = tokens.get((split, key), 0) + n
     empty = [f"{split} {key}" for (split, key), n in tokens.items() if n == 0]
     if empty:
         raise EmptyOutput(
@@ -514,11 +421,11 @@ def _files_to_hash(mine: list) -> list[sources.InputFile]:
     return [f for p in mine if p.start == 0 for f in p.files]
 
 
-def _inputs_meta(mine: list, hashes: dict) -> list[dict]:
-    seen: dict[Path, dict] = {}
+def _inputs_meta(mine: list, hashes: dict) -> list[manifest.InputRecord]:
+    seen: dict[Path, manifest.InputRecord] = {}
     for p in mine:
         for f in p.files:
-            seen.setdefault(f.path, {"path": str(f.path), "size": f.size, "sha256": hashes.get(f.path)})
+            seen.setdefault(f.path, manifest.InputRecord(str(f.path), f.size, hashes.get(f.path)))
     return list(seen.values())
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from titanenv import offline
+
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -161,8 +163,7 @@ def _hf_dataset(spec: str) -> list[InputFile]:
     name, _, query = spec[3:].partition("?")
     opts = dict(parse_qsl(query))
     split = opts.pop("split", "train")
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[var] = "1"  # compute nodes have no network: fail fast instead of hanging
+    offline.apply()  # compute nodes have no network: fail fast instead of hanging
     import datasets
 
     try:

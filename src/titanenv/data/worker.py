@@ -22,11 +22,12 @@ import numpy as np
 
 from titanenv import atomic
 from titanenv.data import backends, indexed, readers
+from titanenv.data.manifest import MAX_EXAMPLES
 from titanenv.data.pieces import Piece
+from titanenv.data.settings import PreprocessConfig
 
 _BATCH_DOCS = 1024
 _BATCH_CHARS = 1 << 18  # ~256 kB of text per encode call: amortizes the call, bounds memory
-MAX_EXAMPLES = 5  # rejected documents reported per reason as file:line
 SPLITS = ("train", "val")
 
 
@@ -36,33 +37,27 @@ class BadDocument(ValueError):
 
 @dataclass(frozen=True)
 class PieceJob:
-    """What every piece of a run shares (sent once to each worker process)."""
+    """What every piece of a run shares (sent once to each worker process): the run's settings as
+    given (``cfg``: keys, ``--on-error``, ``--text-document``, split, seed, shuffle, special tokens,
+    maximum document length) plus what the run resolved from them."""
 
+    cfg: PreprocessConfig
     tokenizer_json: str
+    """The resolved ``tokenizer.json``."""
     backend: str
     """``hf`` or ``gigatoken`` (already chosen and checked)."""
-    keys: tuple[str, ...]
     eod: int | None
     """Appended after each document; None when ``--append-eod`` is off."""
     dtype: str
-    on_error: str
-    text_document: str
-    val_fraction: float
-    seed: int
-    shuffle: bool
+    """numpy dtype string of the token ids (``<u2``, ``<i4``)."""
     parts_dir: str
     fingerprint: str
     """Identifies the settings and inputs; a done marker from other settings is ignored."""
-    max_document_chars: int | None = None
-    """Texts longer than this (characters) are rejected as ``too_long``."""
-    special_tokens: str = "parse"
-    """``parse``: special-token text in a document becomes that token's id (Megatron, HF ``encode``);
-    ``plain``: it is tokenized as ordinary text."""
     special_texts: tuple[str, ...] = ()
     """The tokenizer's special tokens; documents holding one are counted (``documents_with_special_text``)."""
 
     def splits(self) -> tuple[str, ...]:
-        return SPLITS if self.val_fraction > 0 else SPLITS[:1]
+        return SPLITS if self.cfg.val_fraction > 0 else SPLITS[:1]
 
 
 def part_prefix(job: PieceJob, index: int, split: str, key_index: int) -> Path:
@@ -83,7 +78,7 @@ def finished(job: PieceJob, index: int) -> dict | None:
     if marker.get("fingerprint") != job.fingerprint:
         return None
     for split in job.splits():
-        for j in range(len(job.keys)):
+        for j in range(len(job.cfg.json_keys)):
             try:  # parts are not fsynced: after a node crash, check they are whole
                 ds = indexed.IndexedDataset(part_prefix(job, index, split, j))
             except (OSError, ValueError):
@@ -113,14 +108,15 @@ def process(piece: Piece, job: PieceJob, encoder, report: Callable[[int, int, in
     """
     for stale in Path(job.parts_dir).glob(f"{piece.index:06d}.*"):
         stale.unlink()  # leftovers of a killed attempt: the piece is redone from scratch
-    reader = readers.read(piece, job.keys, job.text_document, job.max_document_chars)
+    cfg = job.cfg
+    reader = readers.read(piece, cfg.json_keys, cfg.text_document, cfg.max_document_chars)
     census = reader.census
     special = _special_pattern(job.special_texts)
     splits = job.splits()
     writers = {
         (s, j): indexed.IndexedDatasetWriter(part_prefix(job, piece.index, s, j), np.dtype(job.dtype), durable=False)
         for s in splits
-        for j in range(len(job.keys))
+        for j in range(len(cfg.json_keys))
     }
     stats = {"documents_in": 0, "rejected": Counter(), "examples": {}, "bom_stripped": 0}
     maxima = {k: -1 for k in writers}
@@ -145,7 +141,7 @@ def process(piece: Piece, job: PieceJob, encoder, report: Callable[[int, int, in
             if census.due():
                 census.check(lambda: f"{path} up to line {reader.where(path, n).rsplit(':', 1)[-1]}")
             if isinstance(result, str):
-                if job.on_error == "fail":
+                if cfg.on_error == "fail":
                     raise BadDocument(f"{reader.where(path, n)}: {result}")
                 stats["rejected"][result] += 1
                 examples = stats["examples"].setdefault(result, [])
@@ -170,12 +166,13 @@ def process(piece: Piece, job: PieceJob, encoder, report: Callable[[int, int, in
     stats["bom_stripped"] = reader.bom_stripped
     stats["backend"] = encoder.name
     stats["written"] = {s: writers[(s, 0)].num_documents for s in splits}
-    stats["tokens"] = {s: sum(writers[(s, j)].num_tokens for j in range(len(job.keys))) for s in splits}
-    stats["tokens_by_key"] = {s: [writers[(s, j)].num_tokens for j in range(len(job.keys))] for s in splits}
-    stats["max_token_id"] = {s: [maxima[(s, j)] for j in range(len(job.keys))] for s in splits}
+    n_keys = len(cfg.json_keys)
+    stats["tokens"] = {s: sum(writers[(s, j)].num_tokens for j in range(n_keys)) for s in splits}
+    stats["tokens_by_key"] = {s: [writers[(s, j)].num_tokens for j in range(n_keys)] for s in splits}
+    stats["max_token_id"] = {s: [maxima[(s, j)] for j in range(n_keys)] for s in splits}
     stats["documents_with_special_text"] = with_special
     stats["rejected"] = dict(stats["rejected"])
-    if job.shuffle:
+    if cfg.shuffle:
         _shuffle(piece, job, stats["written"])
     _write_json(
         done_path(job, piece.index), {"fingerprint": job.fingerprint, "piece": piece.describe(), "stats": stats}
@@ -189,8 +186,8 @@ def _shuffle(piece: Piece, job: PieceJob, written: dict[str, int]) -> None:
     Every key of a split gets the same order, so ``PREFIX_title[i]`` and ``PREFIX_text[i]`` stay one document.
     """
     for i, split in enumerate(job.splits()):
-        order = np.random.default_rng([job.seed, piece.index, i]).permutation(written[split])
-        for j in range(len(job.keys)):
+        order = np.random.default_rng([job.cfg.seed, piece.index, i]).permutation(written[split])
+        for j in range(len(job.cfg.json_keys)):
             indexed.reorder(part_prefix(job, piece.index, split, j), order)
 
 
@@ -200,8 +197,9 @@ def _write_batch(batch: list[dict[str, str]], job: PieceJob, encoder, writers: d
     ``maxima[(split, key index)]`` is raised to the largest id written there."""
     if not batch:
         return 0
-    if job.val_fraction > 0:
-        is_val = np.array([_in_val(d[job.keys[0]], job) for d in batch])
+    cfg = job.cfg
+    if cfg.val_fraction > 0:
+        is_val = np.array([_in_val(d[cfg.json_keys[0]], job) for d in batch])
         groups = {"train": [d for d, v in zip(batch, is_val) if not v], "val": [d for d, v in zip(batch, is_val) if v]}
     else:
         groups = {"train": batch}
@@ -209,8 +207,8 @@ def _write_batch(batch: list[dict[str, str]], job: PieceJob, encoder, writers: d
     for split, docs in groups.items():
         if not docs:
             continue
-        for j, key in enumerate(job.keys):
-            flat, sizes = encoder.encode([d[key] for d in docs], plain=job.special_tokens == "plain")
+        for j, key in enumerate(cfg.json_keys):
+            flat, sizes = encoder.encode([d[key] for d in docs], plain=cfg.special_tokens == "plain")
             if job.eod is not None:
                 flat = np.insert(flat, np.cumsum(sizes), job.eod)
                 sizes = sizes + 1
@@ -248,8 +246,8 @@ def _special_pattern(texts: tuple[str, ...]) -> _SpecialFinder | None:
 
 def _in_val(text: str, job: PieceJob) -> bool:
     """Deterministic split on a keyed hash of the text: exact duplicates land in the same split."""
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=job.seed.to_bytes(8, "little", signed=True))
-    return int.from_bytes(h.digest(), "little") < job.val_fraction * 2**64
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=job.cfg.seed.to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") < job.cfg.val_fraction * 2**64
 
 
 def _write_json(path: Path, obj: dict) -> None:

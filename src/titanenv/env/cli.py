@@ -13,9 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from titanenv.container.spec import BASE_IMAGE
 from titanenv.env import lockfile, repos, venv, wheelhouse
-from titanenv.env.platforms import ARCHES, Platform
+from titanenv.env.platforms import ARCHES, BASE_IMAGE, Platform
 
 __all__ = ["main", "parser"]
 

@@ -14,7 +14,6 @@ Regenerate after editing ``pyproject.toml``: ``env/set_up.sh lock`` (needs uv).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from titanenv import atomic
+from titanenv.digest import sha256_file
 from titanenv.env.markers import evaluate
 
 try:  # Python 3.11+; only lock generation reads pyproject.toml
@@ -147,7 +147,7 @@ class Lock:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return sha256_file(self.path)
 
     @property
     def extras(self) -> tuple[str, ...]:
@@ -218,13 +218,8 @@ def write_requirements(reqs: list[Requirement], path: Path, extra_hashes: dict[s
     for r in reqs:
         hashes = [*r.hashes, *extra_hashes.get(r.name, [])]
         lines.append(f"{r.pin} \\\n" + " \\\n".join(f"    --hash={h}" for h in hashes))
-    atomic_write(path, "\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
     return path
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`titanenv.atomic.write_text`)."""
-    atomic.write_text(path, text)
 
 
 def generate(root: Path, out: Path, uv: list[str], dry_run: bool = False) -> list[str]:
@@ -278,7 +273,7 @@ def generate(root: Path, out: Path, uv: list[str], dry_run: bool = False) -> lis
         "# titanenv:roots build " + " ".join(normalize(_name(b)) for b in build),
     ]
     header += [f"# titanenv:roots {g} " + " ".join(names) for g, names in groups.items()]
-    atomic_write(out, "\n".join(header) + "\n" + proc.stdout)
+    atomic.write_text(out, "\n".join(header) + "\n" + proc.stdout)
     return cmd
 
 

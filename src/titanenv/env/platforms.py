@@ -12,7 +12,7 @@ import platform as _platform
 import sys
 from dataclasses import dataclass
 
-__all__ = ["ARCHES", "Platform"]
+__all__ = ["ARCHES", "BASE_IMAGE", "BaseImage", "Platform"]
 
 ARCHES = ("x86_64", "aarch64")
 # The oldest glibc each architecture has manylinux wheels for (manylinux1 = 2.5, manylinux2014 = 2.17).
@@ -105,3 +105,31 @@ class Platform:
             "platform_version": "",
             "extra": "",
         }
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """An NGC PyTorch image: the CUDA, NCCL, torch and triton every titanenv job runs on.
+
+    It lives here, not in ``titanenv.container``, because its Python and glibc are the platform
+    the environment set-up targets (container → env, never back); ``container.spec`` re-exports it.
+    """
+
+    repository: str = "nvcr.io/nvidia/pytorch"
+    tag: str = "26.09-py3"
+    """NGC 26.09 (September 2026), the newest monthly release when this was pinned: Ubuntu 24.04,
+    Python 3.12, CUDA 13, PyTorch 2.14 (NVIDIA build; titanenv's train stage needs torch >= 2.13,
+    measured by benchmarks/gpu_check.sh: 2.11 and 2.12 lack APIs TorchTitan 0.3.0 uses, and the
+    first backward fails there even with them shimmed). One multi-arch tag serves x86_64 (A100, V100) and
+    aarch64 (GH200). Move it with the lock and re-run the image's %test."""
+    python: str = "3.12"
+    """The image's Python; wheelhouses for the image are made for it."""
+    glibc: str = "2.39"
+    """Ubuntu 24.04's glibc: the newest manylinux tag the image's wheels may carry."""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
+BASE_IMAGE = BaseImage()

@@ -2,10 +2,11 @@
 
 ``env/pinned_repos.txt`` lists ``NAME URL COMMIT [editable]``; each checkout lives in
 ``external/NAME``. ``update`` moves a checkout to its pinned commit and carries the local work
-over: commits made on top of the old pin are saved with ``git format-patch`` and re-applied with
-``git am --3way``, uncommitted changes are saved with ``git diff`` and re-applied with
-``git apply --3way``. On a conflict the checkout is put back exactly as it was and the update
-stops, naming the patch and the files. Nothing ever asks a question: git runs with no terminal
+over with ``git rebase --autostash --onto PIN BASE``: commits made on top of the old pin are
+replayed, uncommitted changes are stashed and re-applied. A copy of that work is saved first
+(``git format-patch``, ``git diff``) in ``external/NAME.patches/``. On a conflict, in a commit
+or in the uncommitted changes, the checkout is put back exactly as it was and the update stops,
+naming the patch and the files. Nothing ever asks a question: git runs with no terminal
 prompt, no editor and no stdin.
 
 The commit a checkout was last moved to is kept in the ref ``refs/titanenv/base``; local work is
@@ -101,7 +102,7 @@ def update(repo: PinnedRepo, dry_run: bool = False, log: Callable[[str], None] =
     saved = repo.path.parent / f"{repo.name}.patches" / f"{stamp}-{base[:12]}"
     saved.mkdir(parents=True, exist_ok=True)
     patches = []
-    if commits:
+    if commits:  # a copy for the user; git rebase does the re-applying
         _git(repo.path, "format-patch", "--quiet", "--binary", "-o", str(saved / "commits"), f"{base}..HEAD")
         patches = sorted((saved / "commits").glob("*.patch"))
     if dirty:
@@ -109,52 +110,48 @@ def update(repo: PinnedRepo, dry_run: bool = False, log: Callable[[str], None] =
     log(f"{repo.name}: local work saved in {saved}")
     _ensure_commit(repo)
     branch = _git(repo.path, "symbolic-ref", "--quiet", "--short", "HEAD", check=False).strip()
-    stashed = bool(dirty) and "No local changes" not in _git(
-        repo.path, "stash", "push", "--quiet", "-m", "titanenv update"
-    )
-    try:
-        _checkout(repo.path, branch, repo.commit)
-        for patch in patches:
-            _apply(repo, ["am", "--quiet", "--3way", str(patch)], patch, head, saved)
-        if dirty:
-            _apply(
-                repo, ["apply", "--3way", str(saved / "uncommitted.patch")], saved / "uncommitted.patch", head, saved
+    stashes = _stash_count(repo.path)
+    proc = _git_proc(repo.path, "rebase", "--quiet", "--autostash", "--onto", repo.commit, base)
+    if proc.returncode != 0:
+        files = _conflicted(repo.path, proc)
+        stopped = _git(repo.path, "rev-parse", "--verify", "--quiet", "REBASE_HEAD", check=False).strip()
+        _git_proc(repo.path, "rebase", "--abort")  # back to HEAD, the autostash re-applied
+        _checkout(repo.path, branch, head)
+        if not stopped and not files:  # refused before replaying anything (e.g. untracked files in the way)
+            raise RepoError(
+                f"{repo.name}: git rebase onto {repo.commit[:12]} failed in {repo.path}; the checkout is as it was.\n"
+                f"  Your work is saved in {saved}. git said:\n{proc.stderr.strip()}"
             )
-            _git(repo.path, "reset", "--quiet")  # leave the changes uncommitted and unstaged, as they were
-    except RepoError:
-        _restore(repo.path, branch, head, stashed)
-        raise
-    if stashed:
-        _git(repo.path, "stash", "drop", "--quiet")
+        patch = patches[commits.index(stopped)] if stopped in commits and patches else None
+        raise RepoError(_conflict(repo, patch.name if patch else "commits", files, head, saved))
+    if _stash_count(repo.path) > stashes:  # the rebase went through; the uncommitted changes did not
+        files = _conflicted(repo.path, proc)
+        _git(repo.path, "reset", "--hard", "--quiet")
+        _checkout(repo.path, branch, head)
+        _git(repo.path, "stash", "pop", "--quiet")  # onto the commit they were made on: applies cleanly
+        raise RepoError(_conflict(repo, "uncommitted.patch", files, head, saved))
     _git(repo.path, "update-ref", BASE_REF, repo.commit)
     return "moved " + plan
 
 
-def _apply(repo: PinnedRepo, args: list[str], patch: Path, head: str, saved: Path) -> None:
-    proc = _git_proc(repo.path, *args)
-    if proc.returncode == 0:
-        return
-    files = _git(repo.path, "diff", "--name-only", "--diff-filter=U", check=False).split()
-    if not files:  # git am stops before touching the index when a patch does not apply at all
-        files = re.findall(
-            r"(?:error: patch failed: |CONFLICT \(content\): Merge conflict in )([^\s:]+)", proc.stdout + proc.stderr
-        )
-    raise RepoError(
-        f"{repo.name}: local change {patch.name} conflicts with the new pin {repo.commit[:12]}"
+def _stash_count(path: Path) -> int:
+    return len(_git(path, "stash", "list").splitlines())
+
+
+def _conflicted(path: Path, proc: subprocess.CompletedProcess) -> list[str]:
+    files = _git(path, "diff", "--name-only", "--diff-filter=U", check=False).split()
+    return files or re.findall(r"CONFLICT \([^)]*\): Merge conflict in (\S+)", proc.stdout + proc.stderr)
+
+
+def _conflict(repo: PinnedRepo, patch: str, files: list[str], head: str, saved: Path) -> str:
+    return (
+        f"{repo.name}: local change {patch} conflicts with the new pin {repo.commit[:12]}"
         f" in {', '.join(sorted(set(files))) or 'the files it touches'}.\n"
         f"  {repo.path} is back at {head[:12]} with your changes, as before the update.\n"
-        f"  Your work is saved in {saved}. To resolve by hand: cd {repo.path} && git checkout {repo.commit}"
-        f" && git am --3way {saved}/commits/*.patch (fix, git am --continue),"
+        f"  Your work is saved in {saved}. To resolve by hand: cd {repo.path} &&"
+        f" git rebase --autostash --onto {repo.commit} {BASE_REF} (fix, git rebase --continue),"
         f" then git update-ref {BASE_REF} {repo.commit}"
     )
-
-
-def _restore(path: Path, branch: str, head: str, stashed: bool) -> None:
-    for args in (("am", "--abort"), ("reset", "--hard", "--quiet")):
-        _git_proc(path, *args)
-    _checkout(path, branch, head)
-    if stashed:
-        _git(path, "stash", "pop", "--quiet")
 
 
 def _checkout(path: Path, branch: str, commit: str) -> None:
@@ -183,7 +180,7 @@ def _git(path: Path | None, *args: str, check: bool = True) -> str:
 def _git_proc(path: Path | None, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_EDITOR="true", GIT_MERGE_AUTOEDIT="no", GIT_PAGER="cat")
     if not _has_identity():
-        # git am and git stash record a committer; give one where none is configured, instead of failing.
+        # git rebase and git stash record a committer; give one where none is configured, instead of failing.
         for kind in ("AUTHOR", "COMMITTER"):
             env.setdefault(f"GIT_{kind}_NAME", "titanenv update")
             env.setdefault(f"GIT_{kind}_EMAIL", "titanenv@localhost")

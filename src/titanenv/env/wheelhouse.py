@@ -14,7 +14,6 @@ written last as the completion marker.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import re
 import shutil
@@ -25,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from titanenv.env.lockfile import Lock, Requirement, atomic_write, normalize, write_requirements
+from titanenv import atomic
+from titanenv.digest import sha256_file
+from titanenv.env.lockfile import Lock, Requirement, normalize, write_requirements
 from titanenv.env.platforms import Platform
 
 __all__ = ["MANIFEST", "REQUIREMENTS", "DownloadReport", "Wheelhouse", "WheelhouseError", "download"]
@@ -175,7 +176,7 @@ def download(
         "built": report.built,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic.write_json(dest / MANIFEST, manifest)
     return report
 
 
@@ -229,7 +230,7 @@ def _build_pure_wheels(
                 f"build it on the target platform and put it into {dest}"
             )
         shutil.copy2(wheel, dest / wheel.name)
-        built[key[0]] = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        built[key[0]] = sha256_file(wheel)
     absent = [r.pin for r in reqs if r.name not in built]
     if absent:
         raise WheelhouseError(f"building from sdists gave no wheel for {', '.join(absent)}")

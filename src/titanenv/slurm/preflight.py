@@ -250,15 +250,13 @@ MAX_ID_CACHE = "max-token-id.json"
 """``RUN/cache/max-token-id.json``: ``{bin path: {"size", "mtime_ns", "max_token_id"}}``."""
 
 
-def _manifest_max_id(manifest: dict | None) -> int | None:
-    for where in ((manifest or {}).get("output") or {}, manifest or {}):
-        value = where.get("max_token_id")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+def _manifest_max_id(manifest: manifestlib.Manifest | None) -> int | None:
+    return manifest.output.max_token_id if manifest is not None and manifest.output is not None else None
 
 
-def max_token_id(run: RunDir, prefix: Path, manifest: dict | None, *, scan: bool = True) -> tuple[int | None, str]:
+def max_token_id(
+    run: RunDir, prefix: Path, manifest: manifestlib.Manifest | None, *, scan: bool = True
+) -> tuple[int | None, str]:
     """The largest token id of ``prefix`` and where it came from.
 
     From the manifest's ``max_token_id`` when it has one; else from ``RUN/cache/`` when the

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import re
 import shutil
 import subprocess
 import threading
@@ -32,6 +31,7 @@ from titanenv import __version__
 from titanenv import config as configlib
 from titanenv.data import manifest as manifestlib
 from titanenv.data.indexed import bin_path, idx_path
+from titanenv.redaction import SECRET_NAME, redact
 from titanenv.train.checkpoints import write_json_atomic
 from titanenv.train.launch import LaunchPlan
 from titanenv.train.rundir import RunDir
@@ -43,12 +43,7 @@ RECORDED_NAMES = frozenset(
     {"APPTAINER_CONTAINER", "SINGULARITY_CONTAINER", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
      "TRANSFORMERS_OFFLINE", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMNAME", "HOSTNAME"}
 )  # fmt: skip
-SECRET = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|KEY|COOKIE", re.IGNORECASE)
-_SECRET_ASSIGNMENT = re.compile(
-    r"^(\s*(?:export\s+)?[A-Za-z_]*(?:TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|KEY|COOKIE)[A-Za-z0-9_]*=).*$",
-    re.IGNORECASE | re.MULTILINE,
-)
-_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+SECRET = SECRET_NAME
 
 
 def safe_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -58,11 +53,6 @@ def safe_env(env: Mapping[str, str]) -> dict[str, str]:
         for k, v in sorted(env.items())
         if (k.startswith(RECORDED_PREFIXES) or k in RECORDED_NAMES) and not SECRET.search(k)
     }
-
-
-def redact(text: str) -> str:
-    """``text`` with credential-like assignments and Hugging Face tokens replaced by ``<redacted>``."""
-    return _HF_TOKEN.sub("<redacted>", _SECRET_ASSIGNMENT.sub(r"\1<redacted>", text))
 
 
 def git_info(root: Path) -> dict[str, object]:
@@ -139,9 +129,9 @@ def data_records(prefixes: Sequence[Path]) -> list[dict[str, object]]:
         if mpath.is_file():
             record["manifest"] = str(mpath)
             record["manifest_sha256"] = _sha256(mpath)
-            manifest = manifestlib.read(prefix) or {}
-            record["tokenizer_sha256"] = (manifest.get("tokenizer") or {}).get("sha256")
-            record["tokens"] = manifest.get("tokens")
+            manifest = manifestlib.read(prefix)
+            record["tokenizer_sha256"] = manifest.tokenizer.sha256 if manifest is not None else None
+            record["tokens"] = manifest.counts.tokens if manifest is not None else None
         else:
             record["manifest"] = None
         if idx_path(prefix).is_file():

@@ -1,12 +1,16 @@
-"""The training sbatch script: one Jinja2 template plus site data, rendered (never built as f-strings).
+"""The sbatch scripts: Jinja2 templates plus site data, rendered (never built as f-strings).
 
-The template, ``templates/train.sbatch.j2``, uses ``@{ }@`` and ``@% %@`` as delimiters
-because bash owns ``{{``, ``{#`` and ``${...}``. Site facts (partition, GPUs and CPU cores
-per node) come from the machine profile (:data:`titanenv.config.MACHINES`); job choices
-(nodes, time, account, requeue limit) from :class:`JobSpec`. ``jsc/run_training_jwb.sbatch``
-is the rendering for ``jwb`` with the defaults, checked in (tests keep it in sync):
+The templates, ``templates/train.sbatch.j2`` and ``templates/preprocess.sbatch.j2`` (one
+node, or a job array with ``parallel``), use ``@{ }@`` and ``@% %@`` as delimiters because
+bash owns ``{{``, ``{#`` and ``${...}``. Site facts (partitions, GPUs and CPU cores per
+node) come from the machine profile (:data:`titanenv.config.MACHINES`), exit codes from
+:mod:`titanenv.train.exitcodes`; job choices (nodes, time, account, requeue limit) from
+:class:`JobSpec` (training) and :class:`PreprocessSpec` (tokenizing). The files in ``jsc/``
+are the renderings of :data:`CHECKED_IN`, checked in (tests keep them in sync):
 
     python -m titanenv.slurm render --machine jwb > jsc/run_training_jwb.sbatch
+    python -m titanenv.slurm render --job preprocess --machine jwc > jsc/preprocess_data_jwc.sbatch
+    python -m titanenv.slurm render --job preprocess-parallel --machine jwc > jsc/preprocess_data_parallel_jwc.sbatch
 """
 
 from __future__ import annotations
@@ -15,13 +19,23 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-
 from titanenv.config import MACHINES, Machine
 from titanenv.templating import environment
+from titanenv.train import exitcodes
 
-__all__ = ["SRUN_OPTIONS", "TEMPLATE", "JobSpec", "job_files", "render"]
+__all__ = [
+    "CHECKED_IN",
+    "PREPROCESS_TEMPLATE",
+    "SRUN_OPTIONS",
+    "TEMPLATE",
+    "JobSpec",
+    "PreprocessSpec",
+    "job_files",
+    "render",
+]
 
 TEMPLATE = Path(__file__).with_name("templates") / "train.sbatch.j2"
+PREPROCESS_TEMPLATE = TEMPLATE.with_name("preprocess.sbatch.j2")
 SRUN_OPTIONS = ("--ntasks-per-node=1", "--cpu-bind=none")
 """One ``titanenv train`` per node, free to use all its cores. Not ``--kill-on-bad-exit``: the nodes of a
 stopped run exit with 75 a moment apart, and the first one must not kill the others' exit status."""
@@ -64,20 +78,25 @@ class JobSpec:
     output: str = "logs/%x-%j.out"
 
     def __post_init__(self) -> None:
-        if self.machine not in MACHINES:
-            raise ValueError(f"machine {self.machine!r}: use one of {', '.join(MACHINES)}")
+        _check(self.machine, self.account, self.time)
         if self.nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {self.nodes}")
-        if not _TIME.match(self.time):
-            raise ValueError(f"time {self.time!r}: use MM, HH:MM:SS or D-HH:MM:SS")
         if self.stop_before_limit_s < 0 or self.max_requeues < 0:
             raise ValueError("stop_before_limit_s and max_requeues must be >= 0")
-        if not self.account.strip() or any(c.isspace() for c in self.account):
-            raise ValueError(f"account {self.account!r}: give your Slurm budget (TITANENV_ACCOUNT)")
 
     @property
     def profile(self) -> Machine:
         return MACHINES[self.machine]
+
+    @property
+    def job(self) -> str:
+        """The ``titanenv slurm render --job`` name."""
+        return "train"
+
+    @property
+    def filename(self) -> str:
+        """Its name in ``jsc/``."""
+        return f"run_training_{self.machine}.sbatch"
 
     def resolved(self) -> JobSpec:
         """This spec with the profile's partition, GPUs and cores filled in."""
@@ -88,6 +107,82 @@ class JobSpec:
             gpus_per_node=m.gpus_per_node if self.gpus_per_node is None else self.gpus_per_node,
             cpus_per_task=(m.cpus_per_node or 1) if self.cpus_per_task is None else self.cpus_per_task,
         )
+
+
+def _check(machine: str, account: str, time: str | None) -> None:
+    if machine not in MACHINES:
+        raise ValueError(f"machine {machine!r}: use one of {', '.join(MACHINES)}")
+    if time is not None and not _TIME.match(time):
+        raise ValueError(f"time {time!r}: use MM, HH:MM:SS or D-HH:MM:SS")
+    if not account.strip() or any(c.isspace() for c in account):
+        raise ValueError(f"account {account!r}: give your Slurm budget (TITANENV_ACCOUNT)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessSpec:
+    """The #SBATCH choices of a tokenizing job (``titanenv preprocess`` on one CPU node per task).
+
+    Attributes:
+        machine: machine profile name.
+        parallel: a job array of ``shards`` tasks, each writing one shard, merged by a dependent
+            job that task 0 submits (``--submit-merge``); else one task (the validation split).
+        account: Slurm account (budget); ``CHANGE_ME`` in the checked-in scripts.
+        partition: default: the profile's CPU partition.
+        cpus_per_task: cores, and so ``--workers``, of each task.
+        time: wall-clock limit; default ``01:00:00``, ``02:00:00`` for the array.
+        shards: tasks of the array (``--array=0-(shards-1)``); only with ``parallel``.
+        job_name: default ``titanenv-preprocess-val``, ``titanenv-preprocess-train`` for the array.
+        output: the batch log; default ``logs/%x-%j.out``, ``logs/%x-%A_%a.out`` for the array.
+
+    Raises:
+        ValueError: a value Slurm would reject; the message names the field.
+    """
+
+    machine: str
+    parallel: bool = False
+    account: str = "CHANGE_ME"
+    partition: str = ""
+    cpus_per_task: int = 8
+    time: str | None = None
+    shards: int = 4
+    job_name: str | None = None
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.machine, self.account, self.time)
+        if self.cpus_per_task < 1:
+            raise ValueError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+
+    @property
+    def job(self) -> str:
+        """The ``titanenv slurm render --job`` name."""
+        return "preprocess-parallel" if self.parallel else "preprocess"
+
+    @property
+    def profile(self) -> Machine:
+        return MACHINES[self.machine]
+
+    @property
+    def filename(self) -> str:
+        """Its name in ``jsc/``."""
+        return f"preprocess_data{'_parallel' if self.parallel else ''}_{self.machine}.sbatch"
+
+    def resolved(self) -> PreprocessSpec:
+        """This spec with the profile's CPU partition and the variant's defaults filled in."""
+        p = self.parallel
+        return replace(
+            self,
+            partition=self.partition or self.profile.cpu_partition,
+            time=self.time or ("02:00:00" if p else "01:00:00"),
+            job_name=self.job_name or ("titanenv-preprocess-train" if p else "titanenv-preprocess-val"),
+            output=self.output or ("logs/%x-%A_%a.out" if p else "logs/%x-%j.out"),
+        )
+
+
+CHECKED_IN = (JobSpec(machine="jwb"), PreprocessSpec(machine="jwc"), PreprocessSpec(machine="jwc", parallel=True))
+"""The specs whose renderings are the files in ``jsc/`` (named by their ``filename``)."""
 
 
 def job_files(checkpoint_dir: Path, job_id: str, restart: int = 0) -> dict[str, str]:
@@ -103,8 +198,15 @@ def job_files(checkpoint_dir: Path, job_id: str, restart: int = 0) -> dict[str, 
     }
 
 
-def render(spec: JobSpec) -> str:
-    """The sbatch script text for ``spec``."""
+def render(spec: JobSpec | PreprocessSpec) -> str:
+    """The sbatch script text for ``spec``: training (:class:`JobSpec`) or tokenizing (:class:`PreprocessSpec`)."""
     spec = spec.resolved()
-    template = environment(TEMPLATE.parent).get_template(TEMPLATE.name)
-    return template.render(spec=spec, machine=spec.profile, srun_options=" ".join(SRUN_OPTIONS))
+    path = PREPROCESS_TEMPLATE if isinstance(spec, PreprocessSpec) else TEMPLATE
+    template = environment(path.parent).get_template(path.name)
+    return template.render(
+        spec=spec,
+        machine=spec.profile,
+        site=spec.profile.description.split(" (")[0],  # "JUWELS Cluster"
+        srun_options=" ".join(SRUN_OPTIONS),
+        exit_codes=exitcodes.table(),
+    )

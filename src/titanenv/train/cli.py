@@ -31,23 +31,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def stage_tokenizer(tokenizer: Path, output_dir: Path) -> Path:
     """Copy the tokenizer into ``OUTPUT/tokenizer/`` and return that folder.
 
-    ``tokenizer`` is a ``tokenizer.json`` file (any name) or a folder holding one (its
-    ``tokenizer_config.json`` is copied too). TorchTitan loads ``<folder>/tokenizer.json``
+    ``tokenizer`` is a ``tokenizer.json`` file (any name), a folder holding one (its
+    ``tokenizer_config.json`` is copied too) or a Hub id in the local cache, found by
+    :func:`titanenv.data.tokenizer.resolve`. TorchTitan loads ``<folder>/tokenizer.json``
     from ``--hf-assets-path``; a copy in the output folder keeps the run self-contained
     for resuming and evaluation. Copies are atomic, so concurrent nodes are safe.
 
     Raises:
         FileNotFoundError: if there is no tokenizer at ``tokenizer``.
     """
-    tokenizer = Path(tokenizer)
-    if tokenizer.is_dir():
-        sources = {name: tokenizer / name for name in TOKENIZER_FILES if (tokenizer / name).is_file()}
-        if "tokenizer.json" not in sources:
-            raise FileNotFoundError(f"{tokenizer}/tokenizer.json: no such file; pass a tokenizer.json or its folder")
-    elif tokenizer.is_file():
-        sources = {"tokenizer.json": tokenizer}
-    else:
-        raise FileNotFoundError(f"{tokenizer}: no such tokenizer file or folder; pass a tokenizer.json or its folder")
+    from titanenv.data import tokenizer as toklib
+
+    found = toklib.resolve(tokenizer)  # the one resolver; TokenizerNotFound is a FileNotFoundError
+    sources = {"tokenizer.json": found}
+    if not Path(tokenizer).is_file():  # a folder (or cached Hub id): its tokenizer_config.json too
+        folder = Path(tokenizer) if Path(tokenizer).is_dir() else found.parent
+        sources |= {n: folder / n for n in TOKENIZER_FILES[1:] if (folder / n).is_file()}
     dest = Path(output_dir) / "tokenizer"
     dest.mkdir(parents=True, exist_ok=True)
     for name, src in sources.items():

@@ -71,7 +71,7 @@ def document_positions(inputs: np.ndarray, eod_id: int) -> np.ndarray:
     return idx - last_start
 
 
-def resolve_eod_id(tokenizer_dir: str | os.PathLike, eod_token: str, manifest: dict[str, Any] | None) -> int:
+def resolve_eod_id(tokenizer_dir: str | os.PathLike, eod_token: str, manifest: manifestlib.Manifest | None) -> int:
     """The end-of-document id that separates documents in the data.
 
     ``eod_token`` when given (looked up in ``tokenizer_dir/tokenizer.json``); else the
@@ -82,8 +82,8 @@ def resolve_eod_id(tokenizer_dir: str | os.PathLike, eod_token: str, manifest: d
     Raises:
         ValueError: if no EOD id can be found, or ``eod_token`` is not in the tokenizer.
     """
-    if not eod_token and manifest is not None and manifest.get("tokenizer", {}).get("eod_id") is not None:
-        return int(manifest["tokenizer"]["eod_id"])
+    if not eod_token and manifest is not None and manifest.tokenizer.eod_id is not None:
+        return manifest.tokenizer.eod_id
     info = toklib.load(tokenizer_dir, eod_token or None)
     if info.eod_id is None:
         raise ValueError(
@@ -271,10 +271,10 @@ class MegatronDataloader(ParallelAwareDataloader):
             manifest = manifestlib.read(config.path)
         eod_id = None
         if config.document_positions:
-            if tokenizer_dir is None and not (manifest and manifest.get("tokenizer", {}).get("eod_id") is not None):
+            if tokenizer_dir is None and (manifest is None or manifest.tokenizer.eod_id is None):
                 raise ValueError("document_positions needs the EOD id: a data manifest or a tokenizer folder")
             eod_id = resolve_eod_id(tokenizer_dir or "", config.eod_token, manifest)
-            if manifest is not None and manifest.get("append_eod") is False:
+            if manifest is not None and not manifest.append_eod:
                 logger.warning(
                     f"{config.path} was preprocessed without --append-eod: documents run together "
                     "and attention is masked only at window starts"

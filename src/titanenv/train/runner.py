@@ -27,11 +27,12 @@ import sys
 from titanenv.slurm import preflight
 from titanenv.slurm.provenance import Recorder
 from titanenv.train import checkpoints, control
+from titanenv.train.exitcodes import ExitCode
 from titanenv.train.job import NodeRun
 
 __all__ = ["STOPPED", "exit_code", "run_node"]
 
-STOPPED = 75
+STOPPED = ExitCode.STOPPED
 """Exit code of ``titanenv train`` when training checkpointed and stopped before its planned steps
 (EX_TEMPFAIL: try again). The sbatch script requeues the job on it."""
 
