@@ -50,7 +50,7 @@ ENTRY_MODULES = (
     "titanenv.train.cli",
     "titanenv.train.runner",
     "titanenv.eval",
-    "titanenv.slurm.preflight",
+    "titanenv.train.preflight",
 )
 
 
@@ -206,9 +206,8 @@ def _resolve(dotted: str) -> str | None:
     return None
 
 
-def api_scan(out: Path | None, quiet: bool = False) -> dict:
-    import torch
-
+def _collect_files() -> dict[str, tuple[Path, _Collector]]:
+    """Every parsable module of the scanned packages, with its collected references."""
     files: dict[str, tuple[Path, _Collector]] = {}
     for pkg in SCANNED:
         d = _package_dir(pkg)
@@ -223,7 +222,11 @@ def api_scan(out: Path | None, quiet: bool = False) -> dict:
             c = _Collector(mod, f.name == "__init__.py")
             c.visit(tree)
             files[mod] = (f, c)
-    # Static import closure of the train stage's entry modules (module-level imports, parents' __init__ too).
+    return files
+
+
+def _train_reach(files: dict[str, tuple[Path, _Collector]]) -> set[str]:
+    """Static import closure of the train stage's entry modules (module-level imports, parents' __init__ too)."""
     reach: set[str] = set()
     todo = list(ENTRY_MODULES)
     while todo:
@@ -234,10 +237,39 @@ def api_scan(out: Path | None, quiet: bool = False) -> dict:
         parts = m.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]
         todo += [i for i in files[m][1].imports if i in files]
+    return reach
+
+
+def _print_scan(result: dict, n_missing: int) -> None:
+    print(
+        f"api-scan under torch {result['torch']}: {result['names_checked']} torch names used by {result['files']} "
+        f"files ({result['train_stage_modules']} imported by the train stage); {n_missing} do not resolve"
+    )
+    others = 0
+    for m, uses in result["missing"].items():
+        train = [u for u in uses if "train-stage" in u]
+        if not train:
+            others += 1
+            continue
+        print(f"  MISSING {m}: {len(uses)} use(s), {len(train)} in the train stage: {'; '.join(train[:4])}")
+    if others:
+        print(
+            f"  ... and {others} more used only outside the train stage (experiments, tests, MoE/DeepEP): "
+            "see api_scan.json"
+        )
+    if result["missing_import_time_in_train_stage"]:
+        print("  => importing the train stage fails on: " + ", ".join(result["missing_import_time_in_train_stage"]))
+
+
+def api_scan(out: Path | None, quiet: bool = False) -> dict:
+    import torch
+
+    files = _collect_files()
+    reach = _train_reach(files)
     missing: dict[str, list[str]] = {}
     checked: set[str] = set()
     cache: dict[str, str | None] = {}
-    for mod, (f, c) in files.items():
+    for mod, (_f, c) in files.items():
         for dotted, line, when in c.refs:
             if dotted not in cache:
                 cache[dotted] = _resolve(dotted)
@@ -259,20 +291,7 @@ def api_scan(out: Path | None, quiet: bool = False) -> dict:
     if out is not None:
         _write(out, "api_scan", result)
     if not quiet:
-        print(f"api-scan under torch {torch.__version__}: {len(checked)} torch names used by {len(files)} files "
-              f"({len(reach)} imported by the train stage); {len(missing)} do not resolve")  # fmt: skip
-        others = 0
-        for m, uses in result["missing"].items():
-            train = [u for u in uses if "train-stage" in u]
-            if not train:
-                others += 1
-                continue
-            print(f"  MISSING {m}: {len(uses)} use(s), {len(train)} in the train stage: {'; '.join(train[:4])}")
-        if others:
-            print(f"  ... and {others} more used only outside the train stage (experiments, tests, MoE/DeepEP): "
-                  f"see api_scan.json")  # fmt: skip
-        if blocking:
-            print("  => importing the train stage fails on: " + ", ".join(blocking))
+        _print_scan(result, len(missing))
     return result
 
 
@@ -339,9 +358,14 @@ def compat(out: Path, recipe: str, tokenizer: Path) -> int:
             model = cfg.model_spec.model.build()
         n = sum(p.numel() for p in model.parameters())
         attn = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
-        res.update(ok=True, params=n, attention_modules=attn, compile=cfg.compile.enable,
-                   activation_checkpoint=type(cfg.activation_checkpoint).__qualname__ if cfg.activation_checkpoint else None,
-                   mixed_precision_param=cfg.training.mixed_precision_param)  # fmt: skip
+        res.update(
+            ok=True,
+            params=n,
+            attention_modules=attn,
+            compile=cfg.compile.enable,
+            activation_checkpoint=type(cfg.activation_checkpoint).__qualname__ if cfg.activation_checkpoint else None,
+            mixed_precision_param=cfg.training.mixed_precision_param,
+        )
         fsdp_dtype = cfg.training.mixed_precision_param
         print(f"OK: torchtitan and the train stage import under torch {torch.__version__}; {recipe} builds on meta: "
               f"{n / 1e9:.3f}B parameters, {', '.join(attn)}, compile={cfg.compile.enable}, "
@@ -364,7 +388,7 @@ def compat(out: Path, recipe: str, tokenizer: Path) -> int:
 def preflight(out: Path) -> int:
     import torch
 
-    from titanenv.slurm.preflight import check_gpus
+    from titanenv.train.preflight import check_gpus
 
     res: dict = {}
     n = torch.cuda.device_count()
@@ -377,7 +401,7 @@ def preflight(out: Path) -> int:
         print("preflight gpu check (passing case): SKIPPED, no CUDA device here")
     # Planted failure: the same check in a fresh process that sees no GPU, expecting one.
     code = (
-        "from titanenv.slurm.preflight import check_gpus; f = check_gpus('this-node', 1); "
+        "from titanenv.train.preflight import check_gpus; f = check_gpus('this-node', 1); "
         "print(f.line()); raise SystemExit(0 if f.ok else 1)"
     )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -414,9 +438,9 @@ def attention(out: Path, recipe: str, data: Path, tokenizer: Path, batch: int, s
     from torch.nn.attention.flex_attention import flex_attention
     from torchtitan.models.common.attention import FlexAttention
 
+    from titanenv.data import manifest as manifestlib
     from titanenv.train import recipes, vocab
     from titanenv.train.dataloader import TokenWindowDataset, resolve_eod_id
-    from titanenv.data import manifest as manifestlib
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -495,19 +519,30 @@ def attention(out: Path, recipe: str, data: Path, tokenizer: Path, batch: int, s
             # bf16: 8-bit mantissa (eps 2^-8 = 0.0039) in activations through every layer; fp32: rounding only.
             tol = 2e-2 if dt == torch.bfloat16 else 1e-4
             diff = abs(flex - sdpa)
-            run = {"dtype": str(dt).split(".")[-1], "flex_doc_mask": flex, "sdpa_block_diagonal": sdpa,
-                   "sdpa_plain_causal": causal, "abs_diff": diff, "tolerance": tol, "ok": diff <= tol,
-                   "max_abs_logit_diff_sdpa_block_diagonal": logit_sdpa, "max_abs_logit_diff_plain_causal": logit_causal,
-                   "mask_matters": abs(flex - causal) > diff and logit_causal > logit_sdpa,
-                   "flex_seconds_incl_compile": round(t_flex, 1)}  # fmt: skip
+            run = {
+                "dtype": str(dt).split(".")[-1],
+                "flex_doc_mask": flex,
+                "sdpa_block_diagonal": sdpa,
+                "sdpa_plain_causal": causal,
+                "abs_diff": diff,
+                "tolerance": tol,
+                "ok": diff <= tol,
+                "max_abs_logit_diff_sdpa_block_diagonal": logit_sdpa,
+                "max_abs_logit_diff_plain_causal": logit_causal,
+                "mask_matters": abs(flex - causal) > diff and logit_causal > logit_sdpa,
+                "flex_seconds_incl_compile": round(t_flex, 1),
+            }
             ok &= run["ok"]
             res["runs"].append(run)
             _write(out, "attention", {**res, "ok": ok})  # kept if a later dtype runs out of time
-            print(f"attention {run['dtype']}: flex+doc mask {flex:.6f}, SDPA+block-diagonal {sdpa:.6f}, "
-                  f"|diff| {diff:.2e} (tol {tol:g}) {'OK' if run['ok'] else 'FAIL'}; plain causal {causal:.6f} "
-                  f"(differs by {abs(flex - causal):.2e}: the mask {'matters' if run['mask_matters'] else 'DOES NOT matter'}); "
-                  f"max |logit diff| vs flex: block-diagonal SDPA {logit_sdpa:.2e}, plain causal {logit_causal:.2e}; "
-                  f"{docs} document starts in {batch}x{seq_len} tokens")  # fmt: skip
+            print(
+                f"attention {run['dtype']}: flex+doc mask {flex:.6f}, SDPA+block-diagonal {sdpa:.6f}, "
+                f"|diff| {diff:.2e} (tol {tol:g}) {'OK' if run['ok'] else 'FAIL'}; plain causal {causal:.6f} "
+                f"(differs by {abs(flex - causal):.2e}: the mask "
+                f"{'matters' if run['mask_matters'] else 'DOES NOT matter'}); "
+                f"max |logit diff| vs flex: block-diagonal SDPA {logit_sdpa:.2e}, plain causal {logit_causal:.2e}; "
+                f"{docs} document starts in {batch}x{seq_len} tokens"
+            )
     finally:
         FlexAttention.forward = orig_forward
         FlexAttention._compiled_flex_attn = orig_compiled
@@ -515,13 +550,94 @@ def attention(out: Path, recipe: str, data: Path, tokenizer: Path, batch: int, s
     res["ok"] = ok
     if not cuda:
         res["note"] = (
-            "CPU: eager flex_attention (reference implementation), fp32 only; the GPU run uses the compiled kernel in bf16 and fp32"
+            "CPU: eager flex_attention (reference implementation), fp32 only; "
+            "the GPU run uses the compiled kernel in bf16 and fp32"
         )
     _write(out, "attention", res)
     return 0 if ok else 1
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def _report_compat_without_shim(c0: dict) -> list[str]:
+    v = c0["versions"]
+    return [
+        f"**Compatibility without the shim** (torch {v.get('torch')}, torchtitan {v.get('torchtitan')}): "
+        f"FAILED at {c0.get('stage')}: missing API **{c0.get('missing_api') or c0.get('error')}**; the later "
+        "steps ran with benchmarks/gpu_check_stubs/gpu_check_torch_shim.py",
+        "",
+    ]
+
+
+def _report_compat(c: dict, shimmed: bool) -> list[str]:
+    v = c["versions"]
+    if c.get("ok"):
+        outcome = (
+            f"OK, {c['recipe']} builds on meta: {c['params'] / 1e9:.3f}B parameters, "
+            f"{', '.join(c['attention_modules'])}"
+        )
+    else:
+        outcome = f"FAILED at {c.get('stage')}: missing API **{c.get('missing_api') or c.get('error')}**"
+    return [
+        f"**Compatibility** (torch {v.get('torch')}, torchtitan {v.get('torchtitan')}, python {v.get('python')}): "
+        + outcome
+        + (" (with the shim)" if shimmed else ""),
+        "",
+    ]
+
+
+def _report_api_scan(a: dict) -> list[str]:
+    blocking = a["missing_import_time_in_train_stage"]
+    lines = [
+        f"**torch API scan** (torch {a['torch']}): {a['names_checked']} names, {len(a['missing'])} missing"
+        + (f"; import-time in the train stage: {', '.join(blocking)}" if blocking else "")
+    ]
+    others = 0
+    for m, uses in a["missing"].items():
+        train = [u for u in uses if "train-stage" in u]
+        if train:
+            lines.append(f"- `{m}`: {len(uses)} use(s), {len(train)} in the train stage: {'; '.join(train[:3])}")
+        else:
+            others += 1
+    if others:
+        lines.append(
+            f"- and {others} more used only outside the train stage (experiments, tests, MoE/DeepEP; api_scan.json)"
+        )
+    lines.append("")
+    return lines
+
+
+def _report_attention(a: dict) -> list[str]:
+    lines = [
+        f"**FlexAttention document mask vs SDPA block-diagonal** ({a['device']}, {a['recipe']}, "
+        f"{a['batch']}x{a['seq_len']} tokens, {a['documents_in_batch']} document starts)",
+        "",
+        "| dtype | loss: flex + doc mask | loss: SDPA + block-diagonal mask | abs diff | tolerance | ok "
+        "| loss: plain causal (no doc mask) | max abs logit diff: block-diagonal / plain causal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in a["runs"]:
+        lines.append(
+            f"| {r['dtype']} | {r['flex_doc_mask']:.6f} | {r['sdpa_block_diagonal']:.6f} | {r['abs_diff']:.2e} | "
+            f"{r['tolerance']:g} | {'yes' if r['ok'] else 'NO'} | {r['sdpa_plain_causal']:.6f} | "
+            f"{r['max_abs_logit_diff_sdpa_block_diagonal']:.2e} / {r['max_abs_logit_diff_plain_causal']:.2e} |"
+        )
+    if a.get("note"):
+        lines.append(f"\n{a['note']}")
+    lines.append("")
+    return lines
+
+
+def _report_preflight(p: dict) -> list[str]:
+    ps, planted = p["pass"], p["planted"]
+    passing = f"{'PASS' if ps['ok'] else 'FAIL'} ({ps['line']})" if "ok" in ps else f"skipped ({ps['skipped']})"
+    cause = "names the cause" if planted["names_the_cause"] else "DOES NOT name the cause"
+    return [
+        f"**Preflight GPU check**: passing case: {passing}; planted `CUDA_VISIBLE_DEVICES=`: rc {planted['rc']}, "
+        f"{cause} ({planted['line']})",
+        "",
+    ]
 
 
 def report(out: Path) -> int:
@@ -542,62 +658,22 @@ def report(out: Path) -> int:
         lines.append("")
     c0 = load("compat_without_shim")
     if c0:
-        v = c0["versions"]
-        lines.append(f"**Compatibility without the shim** (torch {v.get('torch')}, torchtitan {v.get('torchtitan')}): "
-                     f"FAILED at {c0.get('stage')}: missing API **{c0.get('missing_api') or c0.get('error')}**; the later "
-                     "steps ran with benchmarks/gpu_check_stubs/gpu_check_torch_shim.py")  # fmt: skip
-        lines.append("")
+        lines += _report_compat_without_shim(c0)
     c = load("compat")
     if c:
-        v = c["versions"]
-        lines.append(f"**Compatibility** (torch {v.get('torch')}, torchtitan {v.get('torchtitan')}, python {v.get('python')}): "
-                     + (f"OK, {c['recipe']} builds on meta: {c['params'] / 1e9:.3f}B parameters, {', '.join(c['attention_modules'])}"
-                        if c.get("ok") else f"FAILED at {c.get('stage')}: missing API **{c.get('missing_api') or c.get('error')}**")
-                     + (" (with the shim)" if c0 else ""))  # fmt: skip
-        lines.append("")
+        lines += _report_compat(c, shimmed=bool(c0))
     a = load("api_scan")
     if a:
-        lines.append(f"**torch API scan** (torch {a['torch']}): {a['names_checked']} names, {len(a['missing'])} missing"
-                     + (f"; import-time in the train stage: {', '.join(a['missing_import_time_in_train_stage'])}"
-                        if a["missing_import_time_in_train_stage"] else ""))  # fmt: skip
-        others = 0
-        for m, uses in a["missing"].items():
-            train = [u for u in uses if "train-stage" in u]
-            if train:
-                lines.append(f"- `{m}`: {len(uses)} use(s), {len(train)} in the train stage: {'; '.join(train[:3])}")
-            else:
-                others += 1
-        if others:
-            lines.append(
-                f"- and {others} more used only outside the train stage (experiments, tests, MoE/DeepEP; api_scan.json)"
-            )
-        lines.append("")
+        lines += _report_api_scan(a)
     t = out / "throughput.md"
     if t.is_file():
         lines += ["**Throughput**", "", t.read_text().strip(), ""]
     a = load("attention")
     if a:
-        lines += [f"**FlexAttention document mask vs SDPA block-diagonal** ({a['device']}, {a['recipe']}, "
-                  f"{a['batch']}x{a['seq_len']} tokens, {a['documents_in_batch']} document starts)", "",
-                  "| dtype | loss: flex + doc mask | loss: SDPA + block-diagonal mask | abs diff | tolerance | ok "
-                  "| loss: plain causal (no doc mask) | max abs logit diff: block-diagonal / plain causal |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        for r in a["runs"]:
-            lines.append(f"| {r['dtype']} | {r['flex_doc_mask']:.6f} | {r['sdpa_block_diagonal']:.6f} | {r['abs_diff']:.2e} | "
-                         f"{r['tolerance']:g} | {'yes' if r['ok'] else 'NO'} | {r['sdpa_plain_causal']:.6f} | "
-                         f"{r['max_abs_logit_diff_sdpa_block_diagonal']:.2e} / {r['max_abs_logit_diff_plain_causal']:.2e} |")  # fmt: skip
-        if a.get("note"):
-            lines.append(f"\n{a['note']}")
-        lines.append("")
+        lines += _report_attention(a)
     p = load("preflight")
     if p:
-        ps = p["pass"]
-        lines.append("**Preflight GPU check**: passing case: "
-                     + (f"{'PASS' if ps['ok'] else 'FAIL'} ({ps['line']})" if "ok" in ps else f"skipped ({ps['skipped']})")
-                     + f"; planted `CUDA_VISIBLE_DEVICES=`: rc {p['planted']['rc']}, "
-                     + ("names the cause" if p["planted"]["names_the_cause"] else "DOES NOT name the cause")
-                     + f" ({p['planted']['line']})")  # fmt: skip
-        lines.append("")
+        lines += _report_preflight(p)
     e = out / "eval.txt"
     if e.is_file():
         lines += ["**Checkpoint -> `titanenv eval` on CPU**: " + e.read_text().strip(), ""]

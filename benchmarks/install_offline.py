@@ -112,9 +112,8 @@ def _report(times: dict[str, list[float]], packages: int, size: int, extras: lis
     print("| installer | median (s) | runs (s) | / pip |")
     print("| --- | --- | --- | --- |")
     for name, values in times.items():
-        print(
-            f"| {name} | {median[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} | {median[name] / median['pip']:.2f} |"
-        )
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        print(f"| {name} | {median[name]:.1f} | {runs} | {median[name] / median['pip']:.2f} |")
 
 
 if __name__ == "__main__":

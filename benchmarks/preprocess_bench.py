@@ -60,7 +60,7 @@ def _timed(fn) -> dict:
     out = fn()
     wall = time.perf_counter() - t0
     after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
+    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before, strict=False))
     return {"wall": wall, "cpu": cpu, **out}
 
 
@@ -117,15 +117,13 @@ def child_megatron(tokenizer: str, corpus: str, out: str, workers: int) -> dict:
     def process():
         vocab = Tokenizer.from_file(tokenizer).get_vocab_size(with_added_tokens=True)
         encoder = MegatronEncoder(tokenizer)
-        fin = open(corpus, encoding="utf-8")
         pool = multiprocessing.Pool(workers, initializer=encoder.initializer)
-        encoded = pool.imap(encoder.encode, fin, 32)
         builder = indexed_dataset.IndexedDatasetBuilder(out + ".bin", dtype=indexed_dataset.DType.optimal_dtype(vocab))
         tokens = 0
-        for doc, lens, _ in encoded:
-            builder.add_document(doc["text"], lens["text"])
-            tokens += len(doc["text"])
-        fin.close()
+        with open(corpus, encoding="utf-8") as fin:
+            for doc, lens, _ in pool.imap(encoder.encode, fin, 32):
+                builder.add_document(doc["text"], lens["text"])
+                tokens += len(doc["text"])
         builder.finalize(out + ".idx")
         pool.close()
         pool.join()
@@ -250,9 +248,8 @@ def prepare(data: Path, work: Path) -> dict[str, Path]:
 
 
 def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
-    )
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     return (
         f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
     )
@@ -271,7 +268,7 @@ def main() -> None:
             raise SystemExit(f"{args.data / name}: missing; pass --data FOLDER")
     inputs = prepare(args.data, args.work)
     corpus = inputs["corpus"]
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
     print(f"machine: {machine()}; load average before: {load_before[0]:.2f}", file=sys.stderr)
 
@@ -334,7 +331,10 @@ def report(rows, memory, started, load_before, load_after, command) -> None:
         vs_base = ""
         if base and not r["method"].startswith("raw"):
             vs_base = f"{rate / (base['tokens'] / base['wall']):.2f} ({per_cpu / (base['tokens'] / base['cpu']):.2f})"
-        vs_limit = f"{rate / (r['workers'] * limit['tokens'] / limit['wall']):.2f} ({per_cpu / (limit['tokens'] / limit['cpu']):.2f})"
+        vs_limit = (
+            f"{rate / (r['workers'] * limit['tokens'] / limit['wall']):.2f} "
+            f"({per_cpu / (limit['tokens'] / limit['cpu']):.2f})"
+        )
         cells = [
             r["tokenizer"],
             r["method"],

@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def stock():
-    """The recipe named by ``$BENCH_RECIPE`` as TorchTitan's plain ``Trainer.Config`` (stock trainer and checkpointer)."""
+    """The recipe named by ``$BENCH_RECIPE`` as TorchTitan's plain ``Trainer.Config`` (stock trainer, checkpointer)."""
     ours = recipes.load_recipe(os.environ.get("BENCH_RECIPE", "titanenv_1b"))
     vocab.set_vocab_size(ours, vocab.padded_vocab_size(vocab.tokenizer_vocab_size(os.environ["BENCH_TOKENIZER"])))
     fields = {f.name: getattr(ours, f.name) for f in dataclasses.fields(Trainer.Config) if f.init}
@@ -227,7 +227,8 @@ def table(args: argparse.Namespace, rows: list) -> str:
     ]
     for name, r, wall, status, s in rows:
         lines.append(
-            f"| {name} | {r} | {status} | {s['steps']} | {s.get('throughput(tps)', 0):,.0f} | {s.get('mfu(%)', 0):.1f} | "
+            f"| {name} | {r} | {status} | {s['steps']} | "
+            f"{s.get('throughput(tps)', 0):,.0f} | {s.get('mfu(%)', 0):.1f} | "
             f"{s.get('time_metrics/end_to_end(s)', 0):.4f} | {s.get('time_metrics/data_loading(s)', 0):.5f} | "
             f"{s.get('time_metrics/data_loading(%)', 0):.2f} | {s.get('memory/max_reserved(GiB)', 0):.2f} | "
             f"{s.get('memory/max_active(GiB)', 0):.2f} | {wall:.0f} |"

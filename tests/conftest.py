@@ -32,3 +32,8 @@ def sample() -> Path:
 
 
 from slurm_harness import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run tests/test_lint.py first: a lint or type failure shows before the slower tests."""
+    items.sort(key=lambda item: item.path.name != "test_lint.py")  # stable: the rest keep their order

@@ -40,7 +40,9 @@ class WordOverlap(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=__doc__, citation="", inputs_description="predictions, references: lists of strings",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
@@ -86,9 +88,16 @@ def build_model(folder: Path, sample: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(sample / "torchtitan_test_tokenizer"))
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -152,7 +161,7 @@ def olah_hub(mirrors: Path, workdir: Path) -> Iterator[str]:
         f'mirrors-path = ["{mirrors}"]\n[accessibility]\noffline = true\n'
     )
     olah = Path(sys.executable).with_name("olah-cli")
-    log = open(workdir / "olah.log", "w")
+    log = open(workdir / "olah.log", "w")  # noqa: SIM115 server log, closed in finally
     proc = subprocess.Popen([str(olah), "-c", str(config)], cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

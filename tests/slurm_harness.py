@@ -28,9 +28,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import pytest
 
@@ -220,7 +220,7 @@ def render_slurm_conf(
     ]
     if gres:
         lines.append("GresTypes=gpu")
-    for name, port in zip(config.node_names, node_ports):
+    for name, port in zip(config.node_names, node_ports, strict=False):
         node = (
             f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port}"
             f" CPUs={config.cpus_per_node} RealMemory={real_memory_mb} State=UNKNOWN"
@@ -274,7 +274,7 @@ def parse_key_values(line: str) -> dict[str, str]:
     """Split ``A=1 B=x y C=3`` into a dict; values may contain spaces."""
     matches = list(_KEY_RE.finditer(line))
     out: dict[str, str] = {}
-    for m, nxt in zip(matches, matches[1:] + [None]):
+    for m, nxt in zip(matches, matches[1:] + [None], strict=False):
         end = nxt.start() if nxt else len(line)
         out[m.group(1)] = line[m.end() : end].strip()
     return out
@@ -411,13 +411,13 @@ class LocalSlurm:
 
     # ---- lifecycle
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         """Install if needed, write config, start daemons, wait for idle nodes."""
         t0 = time.monotonic()
         ensure_slurm_installed()
@@ -628,8 +628,7 @@ class LocalSlurm:
 
     def _spawn(self, name: str, cmd: list[str], **kwargs: object) -> subprocess.Popen:
         """Start a foreground daemon as our child; its stdout/stderr go to log/<name>.out."""
-        out = open(self._paths().logs / f"{name}.out", "ab")
-        try:
+        with open(self._paths().logs / f"{name}.out", "ab") as out:
             # New session: a Ctrl-C in pytest must not kill daemons before teardown.
             proc = subprocess.Popen(
                 cmd,
@@ -640,8 +639,6 @@ class LocalSlurm:
                 start_new_session=True,
                 **kwargs,
             )
-        finally:
-            out.close()
         self._procs[name] = proc
         return proc
 

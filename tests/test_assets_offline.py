@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 import zstandard
+
 from conftest import require
 from hub_fixture import DATASET, METRIC, MODEL, NLTK_PACKAGE, SCRIPTED, build_mirrors, nltk_index, olah_hub
-
 from titanenv import offline
 
 TOKEN = "hf_titanenvPlantedToken0123456789abcdefXYZ"
@@ -263,7 +263,10 @@ def test_doctor_names_a_removed_asset_and_its_fetch_command(world, tmp_path):
     p = titanenv(args, env, world.base)
     assert p.returncode == 1
     assert f"MISSING dataset:{DATASET}?split=train:" in p.stdout
-    command = f"TITANENV_OFFLINE=0 ./container_run.sh titanenv assets fetch assets.toml --only 'dataset:{DATASET}?split=train'"
+    command = (
+        "TITANENV_OFFLINE=0 ./container_run.sh titanenv assets fetch assets.toml "
+        f"--only 'dataset:{DATASET}?split=train'"
+    )
     assert f"fetch: {command}" in p.stdout, p.stdout
     # The printed command works: run it (online) and the dataset is back, as locked.
     fetched = titanenv(shlex.split(command)[3:], env, world.base)

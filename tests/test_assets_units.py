@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import require
 from typer.testing import CliRunner
 
+from conftest import require
 from titanenv import offline
 from titanenv.assets import cache, cli, doctor, plan, spec
 from titanenv.assets.files import redact

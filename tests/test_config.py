@@ -36,7 +36,9 @@ def test_environment_overrides(root, tmp_path):
     assert r.config.hf_home == tmp_path / "hf"
 
 
-@pytest.mark.parametrize("sysname,machine", [("juwelsbooster", "jwb"), ("jurecadc", "jrc"), ("jupiter", "jpb"), ("", "local")])
+@pytest.mark.parametrize(
+    "sysname,machine", [("juwelsbooster", "jwb"), ("jurecadc", "jrc"), ("jupiter", "jpb"), ("", "local")]
+)
 def test_auto_machine_from_systemname(root, sysname, machine):
     r = config.load(root / "configuration.sh", environ=dict(CLEAN, SYSTEMNAME=sysname))
     assert r.config.machine == machine
@@ -65,8 +67,15 @@ def test_broken_file_names_the_file(tmp_path):
 
 def test_config_show_cli(root):
     env = dict(CLEAN, TITANENV_ACCOUNT="myproject", COLUMNS="200")
-    out = subprocess.run([sys.executable, "-m", "titanenv.cli", "config", "show"], env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "titanenv.cli", "config", "show"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert "TITANENV_ACCOUNT" in out and "myproject" in out and "environment" in out
     assert "machine profile local" in out
-    bad = subprocess.run([sys.executable, "-m", "titanenv.cli", "config", "show"], env=dict(env, TITANENV_MACHINE="jwbb"), capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "titanenv.cli", "config", "show"],
+        env=dict(env, TITANENV_MACHINE="jwbb"),
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "TITANENV_MACHINE" in bad.stderr

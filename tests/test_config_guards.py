@@ -17,7 +17,11 @@ import pytest
 
 from titanenv import config, offline
 
-CLEAN = {k: v for k, v in os.environ.items() if not k.startswith(("TITANENV_", "_TITANENV")) and k not in ("HF_HOME", "SYSTEMNAME")}
+CLEAN = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("TITANENV_", "_TITANENV")) and k not in ("HF_HOME", "SYSTEMNAME")
+}
 
 
 def site_copy(root: Path, tmp_path: Path, extra: str = "", folder: str = "site") -> Path:
@@ -66,8 +70,12 @@ def test_sbatch_style_sourcing_agrees(root, tmp_path):
     """The sbatch files source the file under `set -euo pipefail`; what kills them fails Python too."""
     path = site_copy(root, tmp_path)
     path.write_text(path.read_text().replace("# Caches.", 'echo "$UNSET_BY_ANYONE"\n# Caches.'))
-    shell = subprocess.run(["bash", "-c", 'set -euo pipefail; source "$1"', "x", str(path)], env=dict(CLEAN, TITANENV_ROOT=str(root)),
-                           capture_output=True, text=True)  # fmt: skip
+    shell = subprocess.run(
+        ["bash", "-c", 'set -euo pipefail; source "$1"', "x", str(path)],
+        env=dict(CLEAN, TITANENV_ROOT=str(root)),
+        capture_output=True,
+        text=True,
+    )
     assert shell.returncode != 0 and "UNSET_BY_ANYONE" in shell.stderr
     with pytest.raises(config.ConfigError, match="UNSET_BY_ANYONE: unbound variable"):
         config.load(path, environ=dict(CLEAN))
@@ -106,8 +114,17 @@ def test_submit_is_strict(root, sample, tmp_path):
     data = tmp_path / "train"
     pp.run(pp.PreprocessConfig(inputs=[sample / "c4-sample.01.json.gz"], output_prefix=data,
                                tokenizer_model=str(sample / "torchtitan_test_tokenizer"), append_eod=True))  # fmt: skip
-    args = ["train", "--submit", "--dry-run", "--data", str(data), "--tokenizer", str(sample / "torchtitan_test_tokenizer"),
-            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "train",
+        "--submit",
+        "--dry-run",
+        "--data",
+        str(data),
+        "--tokenizer",
+        str(sample / "torchtitan_test_tokenizer"),
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     bin_dir = tmp_path / "bin"  # bash but no sbatch: the dry run skips `sbatch --test-only`
     bin_dir.mkdir()
     (bin_dir / "bash").symlink_to(shutil.which("bash"))
@@ -120,7 +137,9 @@ def test_submit_is_strict(root, sample, tmp_path):
 def test_no_warnings_for_the_shipped_configuration_or_the_scripts(root):
     assert config.load(root / "configuration.sh", environ=dict(CLEAN)).warnings == ()
     code = "from titanenv import config; print(json.dumps(config.load().warnings))"
-    env = dict(CLEAN, TITANENV_OFFLINE="1", TITANENV_BIND="/tmp", TITANENV_MAX_REQUEUES="3", TITANENV_STOP_FILE="/tmp/s")
+    env = dict(
+        CLEAN, TITANENV_OFFLINE="1", TITANENV_BIND="/tmp", TITANENV_MAX_REQUEUES="3", TITANENV_STOP_FILE="/tmp/s"
+    )
     p = container_run(root, ["python", "-c", "import json; " + code], env)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == []
@@ -194,8 +213,14 @@ def test_preprocess_merge_hint_is_quoted(tmp_path, sample, capsys):
     from titanenv.data import preprocess as pp
 
     prefix = tmp_path / "my data" / "train"
-    pp.dry_run(pp.PreprocessConfig(inputs=[sample / "c4-sample.01.json.gz"], output_prefix=prefix,
-                                   tokenizer_model=str(sample / "torchtitan_test_tokenizer"), num_shards=2))  # fmt: skip
+    pp.dry_run(
+        pp.PreprocessConfig(
+            inputs=[sample / "c4-sample.01.json.gz"],
+            output_prefix=prefix,
+            tokenizer_model=str(sample / "torchtitan_test_tokenizer"),
+            num_shards=2,
+        )
+    )
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "--merge" in x]
     assert shlex.split(line.split("`")[1])[4] == str(prefix)
 
@@ -233,8 +258,23 @@ def test_wheel_installed_alone_renders_templates(root, tmp_path):
         shutil.copy(root / name, src / name)
     shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist), str(src)],
-                   check=True, capture_output=True, cwd=tmp_path)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     (wheel,) = dist.glob("titanenv-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "titanenv/slurm/templates/train.sbatch.j2" in names and "titanenv/offline.env" in names
@@ -269,7 +309,12 @@ def test_wheel_installed_alone_renders_templates(root, tmp_path):
 
 # 21: the offline environment sends no token, waits briefly, and bypasses every proxy.
 
-OFFLINE_ADDED = {"HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HUB_DISABLE_SYMLINKS_WARNING": "1", "no_proxy": "*", "NO_PROXY": "*"}
+OFFLINE_ADDED = {
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    "HF_HUB_DISABLE_SYMLINKS_WARNING": "1",
+    "no_proxy": "*",
+    "NO_PROXY": "*",
+}
 
 
 def test_offline_env_additions_parse():

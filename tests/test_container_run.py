@@ -6,7 +6,23 @@ import json
 import os
 import subprocess
 
-HOSTILE = ["a b", "'single'", '"double"', "$HOME", "$(touch /tmp/pwned)", "*", "line1\nline2", "", "  ", "-c", "--help", "\\", "ünï€ode", "`id`", ";exit 3"]
+HOSTILE = [
+    "a b",
+    "'single'",
+    '"double"',
+    "$HOME",
+    "$(touch /tmp/pwned)",
+    "*",
+    "line1\nline2",
+    "",
+    "  ",
+    "-c",
+    "--help",
+    "\\",
+    "ünï€ode",
+    "`id`",
+    ";exit 3",
+]
 PRINT_ARGV = "import json, sys; print(json.dumps(sys.argv[1:]))"
 
 
@@ -31,7 +47,13 @@ def test_venv_and_offline_environment(root):
     out = json.loads(p.stdout)
     venv = out["env"]["TITANENV_VENV"]
     assert out["prefix"] == venv
-    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+    for flag in (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_EVALUATE_OFFLINE",
+        "HF_HUB_DISABLE_TELEMETRY",
+    ):
         assert out["env"][flag] == "1", flag
     assert "HTTPS_PROXY" not in out["env"]
     assert out["env"]["HF_HOME"]
@@ -40,13 +62,22 @@ def test_venv_and_offline_environment(root):
 def test_online_mode_keeps_proxy(root):
     env = dict(os.environ, HTTPS_PROXY="http://proxy.example:3128", TITANENV_OFFLINE="0")
     env.pop("HF_HUB_OFFLINE", None)
-    p = run(root, ["python", "-c", "import os; print(os.environ.get('HTTPS_PROXY'), os.environ.get('HF_HUB_OFFLINE'))"], env=env)
+    p = run(
+        root,
+        ["python", "-c", "import os; print(os.environ.get('HTTPS_PROXY'), os.environ.get('HF_HUB_OFFLINE'))"],
+        env=env,
+    )
     assert p.stdout.split() == ["http://proxy.example:3128", "None"]
 
 
 def test_documented_call_from_repo_root(root):
-    p = subprocess.run(["./container_run.sh", "python", "-c", "import titanenv; print(titanenv.__version__)"],
-                       cwd=root, env=dict(os.environ, TITANENV_CONTAINER_RUNTIME="none"), capture_output=True, text=True)
+    p = subprocess.run(
+        ["./container_run.sh", "python", "-c", "import titanenv; print(titanenv.__version__)"],
+        cwd=root,
+        env=dict(os.environ, TITANENV_CONTAINER_RUNTIME="none"),
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == __import__("titanenv").__version__
 

@@ -7,9 +7,9 @@ import importlib.util
 import json
 
 import pytest
-from conftest import require
 from tokenizers import Tokenizer
 
+from conftest import require
 from titanenv.data import backends, indexed
 from titanenv.data import preprocess as pp
 

@@ -162,7 +162,7 @@ def big_corpus(sample: Path, path: Path, copies: int) -> Path:
     with open(sample / "wikitext2_valid_test_docs.jsonl") as f:
         lines = [json.dumps({"text": json.loads(line)["text"]}) + "\n" for line in f]
     with open(path, "w") as f:
-        for c in range(copies):
+        for _ in range(copies):
             f.writelines(lines)
     return path
 

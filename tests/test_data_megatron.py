@@ -15,9 +15,9 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import require
 from tokenizers import Tokenizer
 
+from conftest import require
 from titanenv.data import preprocess as pp
 
 TOKENIZERS = [("gpt2_tokenizer.json", "<|endoftext|>", np.uint16), ("dolma2_tokenizer.json", "<|endoftext|>", np.int32)]

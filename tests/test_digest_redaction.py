@@ -10,7 +10,7 @@ from titanenv.assets import files
 from titanenv.assets import lockfile as assets_lockfile
 from titanenv.assets.lockfile import Lock, LockedAsset
 from titanenv.data import manifest
-from titanenv.slurm import provenance
+from titanenv.train import provenance
 
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123"
 
@@ -53,7 +53,11 @@ def test_one_rule_redacts_assignments_environment_values_and_hub_tokens(monkeypa
 
 def test_redacted_walks_keys_and_values():
     obj = {"error": f"bad {TOKEN}", TOKEN: [1, {"k": f"HF_TOKEN={TOKEN}"}], "n": 3}
-    assert redaction.redacted(obj) == {"error": "bad <redacted>", "<redacted>": [1, {"k": "HF_TOKEN=<redacted>"}], "n": 3}
+    assert redaction.redacted(obj) == {
+        "error": "bad <redacted>",
+        "<redacted>": [1, {"k": "HF_TOKEN=<redacted>"}],
+        "n": 3,
+    }
 
 
 def test_provenance_and_assets_share_the_rule(monkeypatch):

@@ -15,7 +15,12 @@ from tokenizers import Tokenizer
 from titanenv.data import indexed
 from titanenv.data import preprocess as pp
 
-TRAIN_INPUTS = ["wikitext2_valid_test_docs.jsonl", "c4-sample.01.json.gz", "c4-sample.02.json.gz", "c4-sample.03.json.gz"]
+TRAIN_INPUTS = [
+    "wikitext2_valid_test_docs.jsonl",
+    "c4-sample.01.json.gz",
+    "c4-sample.02.json.gz",
+    "c4-sample.03.json.gz",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,9 @@ def submit(cluster, root, site, script, *args, script_args=()):
     scratch, env = site
     logs = scratch / "logs"
     logs.mkdir(exist_ok=True)
-    job = cluster.sbatch(root / "jsc" / script, f"--output={logs}/%x-%A_%a.out", *args, env=env, cwd=root, script_args=script_args)
+    job = cluster.sbatch(
+        root / "jsc" / script, f"--output={logs}/%x-%A_%a.out", *args, env=env, cwd=root, script_args=script_args
+    )
     return job, logs
 
 
@@ -85,10 +92,14 @@ def test_validation_job_writes_the_tokenizers_ids(val_split, sample):
 
 def test_array_job_equals_a_single_process_run(train_split, sample, tmp_path):
     single = tmp_path / "single"
-    pp.run(pp.PreprocessConfig(
-        inputs=[sample / f for f in TRAIN_INPUTS], output_prefix=single,
-        tokenizer_model=str(sample / "torchtitan_test_tokenizer"), append_eod=True,
-    ))
+    pp.run(
+        pp.PreprocessConfig(
+            inputs=[sample / f for f in TRAIN_INPUTS],
+            output_prefix=single,
+            tokenizer_model=str(sample / "torchtitan_test_tokenizer"),
+            append_eod=True,
+        )
+    )
     for ext in ("bin", "idx"):
         assert Path(f"{train_split}.{ext}").read_bytes() == Path(f"{single}.{ext}").read_bytes()
     shards = sorted(train_split.parent.glob("train-0000?-of-00004.idx"))
@@ -104,8 +115,20 @@ def losses(log: str) -> dict[int, float]:
 
 
 def train_job(cluster, root, site, data, sample, run_dir, steps):
-    args = ["--data", str(data), "--tokenizer", str(sample / "torchtitan_test_tokenizer"),
-            "--output-dir", str(run_dir), "--steps", str(steps), "--checkpoint-interval", "6", "--seq-len", "256"]
+    args = [
+        "--data",
+        str(data),
+        "--tokenizer",
+        str(sample / "torchtitan_test_tokenizer"),
+        "--output-dir",
+        str(run_dir),
+        "--steps",
+        str(steps),
+        "--checkpoint-interval",
+        "6",
+        "--seq-len",
+        "256",
+    ]
     job, logs = submit(cluster, root, site, "run_training_jwb.sbatch", script_args=args)
     rec = cluster.wait(job, timeout=420)
     log = job_log(logs, job)

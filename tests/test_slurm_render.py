@@ -73,9 +73,26 @@ def dry_run(machine: str, data: Path, sample: Path, monkeypatch, extra=()) -> st
             monkeypatch.delenv(name)
     env = dict(TITANENV_MACHINE=machine, TITANENV_ACCOUNT="myproject", TITANENV_VENV="/opt/titanenv/venv",
                TITANENV_SCRATCH_DIR="/p/scratch/myproject", TITANENV_PROJECT_DIR="/p/project/myproject")  # fmt: skip
-    args = ["train", "--submit", "--dry-run", "--data", str(data), "--tokenizer", str(sample / "torchtitan_test_tokenizer"),
-            "--output-dir", "/p/scratch/myproject/runs/llama1b", "--recipe", "titanenv_1b", "--steps", "10000",
-            "--nodes", "4", "--time", "1-00:00:00", *extra]  # fmt: skip
+    args = [
+        "train",
+        "--submit",
+        "--dry-run",
+        "--data",
+        str(data),
+        "--tokenizer",
+        str(sample / "torchtitan_test_tokenizer"),
+        "--output-dir",
+        "/p/scratch/myproject/runs/llama1b",
+        "--recipe",
+        "titanenv_1b",
+        "--steps",
+        "10000",
+        "--nodes",
+        "4",
+        "--time",
+        "1-00:00:00",
+        *extra,
+    ]
     result = CliRunner().invoke(app, args, env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     root = str(Path(__file__).resolve().parents[1])

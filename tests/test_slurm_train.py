@@ -56,8 +56,14 @@ def site(tmp_path_factory, slurm_cluster):
 def data(sample, site):
     prefix = site[0] / "data" / "train"
     inputs = [sample / "wikitext2_valid_test_docs.jsonl", *sorted(sample.glob("c4-sample.*.json.gz"))]
-    pp.run(pp.PreprocessConfig(inputs=inputs, output_prefix=prefix, tokenizer_model=str(sample / "torchtitan_test_tokenizer"),
-                               append_eod=True))  # fmt: skip
+    pp.run(
+        pp.PreprocessConfig(
+            inputs=inputs,
+            output_prefix=prefix,
+            tokenizer_model=str(sample / "torchtitan_test_tokenizer"),
+            append_eod=True,
+        )
+    )
     return prefix
 
 
@@ -200,8 +206,15 @@ def test_time_limit_stops_checkpoints_requeues_and_resumes_exactly(reference, sl
 
     run_dir = site[0] / "runs" / "requeued"
     t0 = time.monotonic()
-    job, log_file = submit(slurm_cluster, root, site, "--time=1", f"--signal=B:USR1@{lead}",
-                           script_args=train_args(data, sample, run_dir, steps), env={"TITANENV_MAX_REQUEUES": "3"})  # fmt: skip
+    job, log_file = submit(
+        slurm_cluster,
+        root,
+        site,
+        "--time=1",
+        f"--signal=B:USR1@{lead}",
+        script_args=train_args(data, sample, run_dir, steps),
+        env={"TITANENV_MAX_REQUEUES": "3"},
+    )
     extend_after_first_requeue(slurm_cluster, job, run_dir, timeout=400)
     rec = slurm_cluster.wait(job, timeout=400)
     log = ANSI.sub("", log_file.read_text())

@@ -154,7 +154,9 @@ def test_loader_workers_split_the_same_samples_and_resume(data):
         return {tuple(r.tolist()) for _, labels in batches for r in labels}
 
     single, double = loader(0), loader(2)
-    assert rows(b for _, b in zip(range(6), single)) == rows(b for _, b in zip(range(6), double))
+    assert rows(b for _, b in zip(range(6), single, strict=False)) == rows(
+        b for _, b in zip(range(6), double, strict=False)
+    )
     it = iter(double)
     for _ in range(3):
         next(it)
@@ -389,9 +391,29 @@ def test_usr1_to_the_launch_checkpoints_at_the_next_step_and_exits_75(data, toke
     import signal
 
     out = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "titanenv.cli", "train", "--data", str(data["train"]), "--tokenizer", str(tokenizer_dir),
-           "--output-dir", str(out), "--steps", "200", "--seq-len", "64", "--batch-size", "2", "--nproc-per-node", "2",
-           "--checkpoint-interval", "100", "--no-preflight"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "titanenv.cli",
+        "train",
+        "--data",
+        str(data["train"]),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output-dir",
+        str(out),
+        "--steps",
+        "200",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--checkpoint-interval",
+        "100",
+        "--no-preflight",
+    ]
     log_file = tmp_path / "stopped.log"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

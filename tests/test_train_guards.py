@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require
 
+from conftest import require
 from titanenv.data import manifest as manifestlib
 from titanenv.data import preprocess as pp
 from titanenv.data.indexed import IndexedDatasetWriter, bin_path, idx_path
-from titanenv.slurm import preflight
-from titanenv.slurm.preflight import PreflightConfig
-from titanenv.train import checkpoints
+from titanenv.train import checkpoints, preflight
+from titanenv.train.preflight import PreflightConfig
 from titanenv.train.rundir import RunDir
 
 PREFLIGHT_FAILED = 3
@@ -286,7 +285,7 @@ def test_loopback_is_probed_for_a_single_slurm_node_too(tmp_path):
     require(UNSHARE, "needs `unshare -n` (root) to bring loopback down")
     script = (
         "import sys\n"
-        "from titanenv.slurm import preflight\n"
+        "from titanenv.train import preflight\n"
         "from titanenv.train.rundir import RunDir\n"
         "cfg = preflight.PreflightConfig(node='vm', node_index=0, nnodes=1, rdzv_endpoint='127.0.0.1:29517',\n"
         f"    run=RunDir(__import__('pathlib').Path({str(tmp_path)!r}), 'a'), assets=False)\n"

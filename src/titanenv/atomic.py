@@ -75,7 +75,8 @@ def sweep_temp(folder: str | os.PathLike, names: tuple[str, ...] = ("",)) -> lis
         The files deleted (each is logged).
     """
     folder = Path(folder)
-    me, removed = _host(), []
+    me = _host()
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:

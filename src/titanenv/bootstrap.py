@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def main() -> int:
-    if sys.version_info < (3, 9):
+    if sys.version_info < (3, 9):  # noqa: UP036 runs on the login node's python3
         sys.exit("titanenv: needs Python 3.9 or newer as python3 (on JSC: module load Python), or set TITANENV_PYTHON")
     # Running this file puts src/titanenv/ first on the path; src/ is what the imports need.
     sys.path[0] = str(Path(__file__).resolve().parents[1])

@@ -6,7 +6,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -42,7 +42,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every detail.")] = False,
 ) -> None:
     level = logging.DEBUG if verbose else logging.INFO
@@ -55,8 +57,12 @@ def _root(
 
 @config_app.command("show")
 def config_show(
-    path: Annotated[Optional[Path], typer.Option("--file", help="configuration.sh to read (default: the repository's).")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Unknown TITANENV_* names are errors, not warnings.")] = False,
+    path: Annotated[
+        Path | None, typer.Option("--file", help="configuration.sh to read (default: the repository's).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Unknown TITANENV_* names are errors, not warnings.")
+    ] = False,
 ) -> None:
     """Print every resolved site setting and where its value came from."""
     resolved = _load(path, strict=strict)
@@ -80,7 +86,10 @@ app.command("eval")(train_cli.evaluate)
 @app.command()
 def demo(
     steps: Annotated[int, typer.Option(help="Training steps.")] = 40,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output root (default: TITANENV_DATA_DIR and TITANENV_CHECKPOINT_DIR).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output root (default: TITANENV_DATA_DIR and TITANENV_CHECKPOINT_DIR)."),
+    ] = None,
 ) -> None:
     """Run the main job on the bundled sample: preprocess, train, evaluate, list the outputs."""
     from titanenv.data import preprocess as pp
@@ -90,11 +99,16 @@ def demo(
     tokenizer = sample / "torchtitan_test_tokenizer"
     data = (out / "data" if out else cfg.data_dir) / "sample"
     run_dir = (out / "runs" if out else cfg.checkpoint_dir) / "sample"
-    train_inputs = [sample / "wikitext2_valid_test_docs.jsonl", *sorted(sample.glob("c4-sample.*.json.gz"))]
-    splits = {"train": train_inputs, "val": [sample / "c4-guardian-val.jsonl.gz"]}
+    train_inputs: list[str | Path] = [
+        sample / "wikitext2_valid_test_docs.jsonl",
+        *sorted(sample.glob("c4-sample.*.json.gz")),
+    ]
+    splits: dict[str, list[str | Path]] = {"train": train_inputs, "val": [sample / "c4-guardian-val.jsonl.gz"]}
     for split, inputs in splits.items():
         console.rule(f"preprocess {split}")
-        cfg_pp = pp.PreprocessConfig(inputs=inputs, output_prefix=data / split, tokenizer_model=str(tokenizer), append_eod=True, workers=2)
+        cfg_pp = pp.PreprocessConfig(
+            inputs=inputs, output_prefix=data / split, tokenizer_model=str(tokenizer), append_eod=True, workers=2
+        )
         data_cli.report(pp.run(cfg_pp))
     console.rule("train")
     train_cli.train(data=data / "train", tokenizer=tokenizer, output_dir=run_dir, steps=steps)
@@ -116,7 +130,7 @@ def _output_lines(data: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def _load(path: Optional[Path], strict: bool = False) -> configlib.Resolved:
+def _load(path: Path | None, strict: bool = False) -> configlib.Resolved:
     try:
         return configlib.load(path, strict=strict)
     except configlib.ConfigError as e:

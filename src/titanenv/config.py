@@ -54,15 +54,69 @@ _JSC_IB_TIMEOUTS = (("NCCL_IB_TIMEOUT", "50"), ("NCCL_IB_RETRY_CNT", "10"), ("UC
 MACHINES: dict[str, Machine] = {
     m.name: m
     for m in (
-        Machine("jwb", "JUWELS Booster (4x A100 per node)", "juwelsbooster", "batch", "booster", 4, "{node}i", "ib0", "x86_64",
-                cpus_per_node=48, comm_env=_JSC_IB_TIMEOUTS),
-        Machine("jwc", "JUWELS Cluster (CPU; 4x V100 in 'gpus')", "juwels", "batch", "gpus", 4, "{node}i", "ib0", "x86_64",
-                cpus_per_node=40, comm_env=_JSC_IB_TIMEOUTS),
-        Machine("jrc", "JURECA-DC (4x A100 per node)", "jurecadc", "dc-cpu", "dc-gpu", 4, "{node}i", "ib0", "x86_64",
-                cpus_per_node=128, comm_env=_JSC_IB_TIMEOUTS),
-        Machine("jpb", "JUPITER Booster (4x GH200 per node)", "jupiter", "booster", "booster", 4,
-                "{node}-interconnect-1.jupiter.internal", None, "aarch64", cpus_per_node=288, comm_env=_JSC_IB_TIMEOUTS),
-        Machine("local", "this machine: a local Slurm or none, CPU with gloo", None, "batch", "booster", 0, "127.0.0.1", None, "any"),
+        Machine(
+            "jwb",
+            "JUWELS Booster (4x A100 per node)",
+            "juwelsbooster",
+            "batch",
+            "booster",
+            4,
+            "{node}i",
+            "ib0",
+            "x86_64",
+            cpus_per_node=48,
+            comm_env=_JSC_IB_TIMEOUTS,
+        ),
+        Machine(
+            "jwc",
+            "JUWELS Cluster (CPU; 4x V100 in 'gpus')",
+            "juwels",
+            "batch",
+            "gpus",
+            4,
+            "{node}i",
+            "ib0",
+            "x86_64",
+            cpus_per_node=40,
+            comm_env=_JSC_IB_TIMEOUTS,
+        ),
+        Machine(
+            "jrc",
+            "JURECA-DC (4x A100 per node)",
+            "jurecadc",
+            "dc-cpu",
+            "dc-gpu",
+            4,
+            "{node}i",
+            "ib0",
+            "x86_64",
+            cpus_per_node=128,
+            comm_env=_JSC_IB_TIMEOUTS,
+        ),
+        Machine(
+            "jpb",
+            "JUPITER Booster (4x GH200 per node)",
+            "jupiter",
+            "booster",
+            "booster",
+            4,
+            "{node}-interconnect-1.jupiter.internal",
+            None,
+            "aarch64",
+            cpus_per_node=288,
+            comm_env=_JSC_IB_TIMEOUTS,
+        ),
+        Machine(
+            "local",
+            "this machine: a local Slurm or none, CPU with gloo",
+            None,
+            "batch",
+            "booster",
+            0,
+            "127.0.0.1",
+            None,
+            "any",
+        ),
     )
 }
 
@@ -95,8 +149,18 @@ class SiteConfig(BaseModel):
     venv: Path = Field(alias="TITANENV_VENV", description="Python venv inside the container.")
 
     @field_validator(
-        "root", "project_dir", "scratch_dir", "data_dir", "checkpoint_dir", "hf_home",
-        "pip_cache_dir", "triton_cache_dir", "inductor_cache_dir", "nltk_data", "image", "venv",
+        "root",
+        "project_dir",
+        "scratch_dir",
+        "data_dir",
+        "checkpoint_dir",
+        "hf_home",
+        "pip_cache_dir",
+        "triton_cache_dir",
+        "inductor_cache_dir",
+        "nltk_data",
+        "image",
+        "venv",
     )
     @classmethod
     def _absolute(cls, v: Path) -> Path:
@@ -211,7 +275,7 @@ def load(
     if proc.returncode != 0:
         raise ConfigError(_explain_source_error(path, proc.returncode, proc.stderr))
     fields = proc.stdout.split("\0")
-    values = dict(zip(names, fields))
+    values = dict(zip(names, fields, strict=False))
     warnings = [f"{path}: {line}" for line in proc.stderr.splitlines() if line.strip()]
     warnings += _unknown_names([f for f in fields[len(names) :] if f], user, lines, path)
     origins = {}
@@ -251,12 +315,18 @@ def _unknown_names(names: list[str], user: dict[str, str], lines: dict[str, int]
 
 
 def _explain_source_error(path: Path, rc: int, stderr: str) -> str:
-    msg = f"{path}: sourcing failed (exit {rc}, sourced with `set -euo pipefail` as the sbatch files do):\n  {stderr.strip()}"
+    msg = (
+        f"{path}: sourcing failed (exit {rc}, sourced with `set -euo pipefail` as the sbatch files do):\n"
+        f"  {stderr.strip()}"
+    )
     m = re.search(rf"{re.escape(str(path))}: line (\d+): ([A-Za-z_][A-Za-z0-9_]*): command not found", stderr)
     if m:
         text = (path.read_text().splitlines() + [""] * int(m.group(1)))[int(m.group(1)) - 1]
         if re.match(rf"\s*{m.group(2)}\s+=", text):
-            msg += f"\n  fix: bash reads {text.strip()!r} as a command; write {m.group(2)}=VALUE, with no spaces around '='"
+            msg += (
+                f"\n  fix: bash reads {text.strip()!r} as a command; "
+                f"write {m.group(2)}=VALUE, with no spaces around '='"
+            )
     return msg
 
 
@@ -270,7 +340,10 @@ def _apply_profile(values: dict[str, str], origins: dict[str, str], env: dict[st
     machine = MACHINES.get(values["TITANENV_MACHINE"])
     if machine is None:
         return  # validation names the bad value
-    for var, default in (("TITANENV_CPU_PARTITION", machine.cpu_partition), ("TITANENV_GPU_PARTITION", machine.gpu_partition)):
+    for var, default in (
+        ("TITANENV_CPU_PARTITION", machine.cpu_partition),
+        ("TITANENV_GPU_PARTITION", machine.gpu_partition),
+    ):
         if not values[var]:
             values[var] = default
             origins[var] = f"machine profile {machine.name}"
@@ -286,7 +359,9 @@ def _explain(err: ValidationError, values: dict[str, str], origins: dict[str, st
         hint = ""
         if var == "TITANENV_MACHINE":
             close = difflib.get_close_matches(value, [*MACHINES, "auto"], n=1)
-            hint = f"; use one of {', '.join([*MACHINES, 'auto'])}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            hint = f"; use one of {', '.join([*MACHINES, 'auto'])}" + (
+                f" (did you mean {close[0]!r}?)" if close else ""
+            )
         elif var == "TITANENV_CONTAINER_RUNTIME":
             hint = "; use one of auto, apptainer, singularity, none"
         msgs.append(f"{var}={value!r} (from {origins.get(var, 'default')}): {e['msg']}{hint}")

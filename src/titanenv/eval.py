@@ -201,13 +201,17 @@ def evaluate(
     max_windows: int = 64,
     batch_size: int = 4,
     step: int | None = None,
+    loaded: tuple[torch.nn.Module, RunRecord, int, Path] | None = None,
 ) -> EvalResult:
     """Validation loss of the latest (or ``step``) checkpoint in ``output_dir``; writes ``OUTPUT/eval.json``.
+
+    ``loaded``: what :func:`load_model` returned for ``output_dir``, to score a model already
+    loaded (``step`` is then ignored); default: load it here.
 
     Raises:
         FileNotFoundError: missing record, checkpoint or data (the message names the path).
     """
-    model, run, step, ckpt = load_model(output_dir, step=step)
+    model, run, step, ckpt = loaded or load_model(output_dir, step=step)
     loss, tokens, windows = validation_loss(model, data, run.seq_len, max_windows=max_windows, batch_size=batch_size)
     result = EvalResult(
         output_dir=str(output_dir),

@@ -14,6 +14,7 @@ import os
 import shlex
 import socket
 from pathlib import Path
+from typing import Any
 
 ENV_FILE = Path(__file__).with_name("offline.env")
 log = logging.getLogger("titanenv.offline")
@@ -109,24 +110,25 @@ def guard_sockets() -> list[str]:
             _attempts.append(target)
             raise NetworkBlocked(target)
 
-    def connect(self: socket.socket, address: object) -> None:
+    def connect(self: socket.socket, address: Any) -> None:
         check(address)
         return real_connect(self, address)
 
-    def connect_ex(self: socket.socket, address: object) -> int:
+    def connect_ex(self: socket.socket, address: Any) -> int:
         check(address)
         return real_connect_ex(self, address)
 
-    def sendto(self: socket.socket, data: bytes, *args: object) -> int:
+    def sendto(self: socket.socket, data: bytes, *args: Any) -> int:
         check(args[-1])
         return real_sendto(self, data, *args)
 
-    def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> list:
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
         if host is not None:
             check((host.decode() if isinstance(host, bytes) else str(host), port))
         return real_getaddrinfo(host, port, *args, **kwargs)
 
-    socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto = connect, connect_ex, sendto
+    # the guard replaces the methods on the class on purpose (typeshed's stdlib stubs forbid that)
+    socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto = connect, connect_ex, sendto  # type: ignore[method-assign, assignment]
     socket.getaddrinfo = getaddrinfo
     _installed = True
     return _attempts

@@ -74,7 +74,10 @@ def repo_folder(home: Path, repo_type: str, repo: str) -> Path:
 
 
 def hub_snapshot_files(home: Path, repo_type: str, repo: str, commit: str, revision: str | None) -> list[str]:
-    """Files an offline load of a snapshot reads: the snapshot's files, ``refs/<revision>`` and the cached tree listing."""
+    """Files an offline load of a snapshot reads.
+
+    They are the snapshot's files, ``refs/<revision>`` and the cached tree listing.
+    """
     folder = repo_folder(home, repo_type, repo)
     found = [relative(home, p) for p in _files(folder / "snapshots" / commit)]
     if revision and revision != commit and (folder / "refs" / revision).is_file():

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,10 +29,10 @@ from titanenv.assets.files import redact
 app = typer.Typer(help="Offline assets: fetch on a login node, lock, verify, pack, unpack.", no_args_is_help=True)
 
 AssetsArg = Annotated[
-    Optional[Path], typer.Argument(help="Asset list (TOML), e.g. examples/assets.toml.", show_default=False)
+    Path | None, typer.Argument(help="Asset list (TOML), e.g. examples/assets.toml.", show_default=False)
 ]
 LockOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--lock",
         help="Lockfile. Default: NAME.lock.json beside the asset list, else HF_HOME/titanenv/assets.lock.json.",
@@ -81,7 +81,8 @@ def fetch(
         list[str],
         typer.Option(
             "--add",
-            help="Also fetch this asset key: model:ORG/NAME[@REV], tokenizer:..., dataset:ORG/NAME[?name=CFG&split=S&revision=R], metric:NAME, nltk:NAME, task:NAME.",
+            help="Also fetch this asset key: model:ORG/NAME[@REV], tokenizer:..., "
+            "dataset:ORG/NAME[?name=CFG&split=S&revision=R], metric:NAME, nltk:NAME, task:NAME.",
         ),
     ] = [],  # noqa: B006
     only: Annotated[
@@ -89,7 +90,7 @@ def fetch(
     ] = [],  # noqa: B006
     lock: LockOpt = None,
     summary: Annotated[
-        Optional[Path], typer.Option("--summary", help="Summary file. Default: NAME.summary.json beside the lockfile.")
+        Path | None, typer.Option("--summary", help="Summary file. Default: NAME.summary.json beside the lockfile.")
     ] = None,
     task_path: Annotated[
         list[Path], typer.Option("--task-path", help="Folder of custom lm-eval task YAML files.")
@@ -132,7 +133,8 @@ def fetch(
     for o in bad:
         typer.echo(f"{o.status.upper()} {o.key}: {o.error}", err=True)
     typer.echo(
-        f"{len(outcomes) - len(bad)} of {len(outcomes)} assets in HF_HOME={home}; lockfile {lock_path}; summary {summary_path}"
+        f"{len(outcomes) - len(bad)} of {len(outcomes)} assets in HF_HOME={home}; "
+        f"lockfile {lock_path}; summary {summary_path}"
     )
     if bad:
         raise typer.Exit(1)
@@ -169,7 +171,7 @@ def pack(
     lock: LockOpt = None,
     name: Annotated[str, typer.Option(help="Archive name (file name stem).")] = "assets",
     part_size: Annotated[
-        Optional[str], typer.Option("--part-size", help="Split into parts of this size, e.g. 4G. Default: one part.")
+        str | None, typer.Option("--part-size", help="Split into parts of this size, e.g. 4G. Default: one part.")
     ] = None,
     level: Annotated[int, typer.Option(help="zstd compression level.")] = 3,
 ) -> None:
@@ -193,9 +195,10 @@ def pack(
 @app.command()
 def unpack(
     src: Annotated[Path, typer.Argument(help="Folder written by `titanenv assets pack`.")],
-    name: Annotated[Optional[str], typer.Option(help="Archive name, when the folder holds several.")] = None,
+    name: Annotated[str | None, typer.Option(help="Archive name, when the folder holds several.")] = None,
 ) -> None:
-    """Verify the parts, unpack them safely into HF_HOME, then verify every file. Idempotent; a rerun completes an interrupted one."""
+    """Verify the parts, unpack them safely into HF_HOME, then verify every file. Idempotent; a rerun
+    completes an interrupted one."""
     from titanenv.assets import unpack as unpacklib
 
     with _user_errors():
@@ -204,9 +207,8 @@ def unpack(
     for p in problems:
         typer.echo(f"BAD {p}", err=True)
     state = "was already unpacked" if already else "unpacked"
-    typer.echo(
-        f"{manifest.name}: {state} into HF_HOME={home}; {'all files intact' if not problems else f'{len(problems)} bad files'}"
-    )
+    intact = "all files intact" if not problems else f"{len(problems)} bad files"
+    typer.echo(f"{manifest.name}: {state} into HF_HOME={home}; {intact}")
     if problems:
         raise typer.Exit(1)
 
@@ -218,9 +220,9 @@ def doctor(
         typer.Option("--offline", help="Resolve with the network cut; always on, the flag says so at the call site."),
     ] = True,
     tokenizer: Annotated[
-        Optional[str], typer.Option(help="Tokenizer the job uses (Hub id, tokenizer.json or folder).")
+        str | None, typer.Option(help="Tokenizer the job uses (Hub id, tokenizer.json or folder).")
     ] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model the job loads (Hub id or folder).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model the job loads (Hub id or folder).")] = None,
     data: Annotated[list[str], typer.Option("--data", help="Tokenized data prefix the job reads; repeatable.")] = [],  # noqa: B006
     task: Annotated[
         list[str], typer.Option("--task", help="lm-eval task, group or tag the job runs; repeatable.")

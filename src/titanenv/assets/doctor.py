@@ -150,7 +150,9 @@ def diagnose(
     pairs = checks_for(experiment, plan, assets_path, home)
     prefix, how = isolation(mode)
     results = probe([c for c, _ in pairs], prefix) if pairs else []
-    findings = [Finding(r.label, r.ok, r.detail, None if r.ok else fix) for (_, fix), r in zip(pairs, results)]
+    findings = [
+        Finding(r.label, r.ok, r.detail, None if r.ok else fix) for (_, fix), r in zip(pairs, results, strict=False)
+    ]
     findings += [
         Finding(key, False, f"cannot run offline: {why}", "remove it from the task list, or fetch its data by hand")
         for key, why in plan.unsupported.items()

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -87,7 +87,7 @@ def run(plan: Plan, home: Path, lock_path: Path, summary_path: Path, options: Op
         )
     _check_imported_home(home)
     opts = options or Options()
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     lock = lockfile.read_or_empty(lock_path)
     locked = {a.key: a for a in lock.assets}
     items = list(plan.items.values())
@@ -200,7 +200,7 @@ def write_summary(path: Path, outcomes: list[Outcome], home: Path, lock_path: Pa
     atomic.write_json(path, redacted({
         "generated_by": f"titanenv {__version__}",
         "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "hf_home": os.fspath(home),
         "lockfile": os.fspath(lock_path),
         "totals": totals,

@@ -102,13 +102,16 @@ def _metric(item: Metric, home: Path, commit: str | None) -> Fetched:
     import evaluate
 
     module = evaluate.load(item.name, revision=commit or item.revision)
-    folder = Path(sys.modules[type(module).__module__].__file__).parent  # .../metrics/<org>--<name>/<hash>
+    module_file = sys.modules[type(module).__module__].__file__
+    assert module_file is not None  # evaluate loads metrics from files
+    folder = Path(module_file).parent  # .../metrics/<org>--<name>/<hash>
     repo = folder.parent.name.replace("--", "/", 1)
     modules_root = home / "modules"
     # evaluate imports the module as a package: keep the __init__.py files above it.
     inits = [p / "__init__.py" for p in folder.parents if modules_root in (p, *p.parents)]
     files = cache.tree_files(home, folder) + [cache.relative(home, p) for p in inits if p.is_file()]
-    revisions = [commit or item.revision] if (commit or item.revision) else _evaluate_revisions(evaluate.__version__)
+    revision = commit or item.revision
+    revisions = [revision] if revision else _evaluate_revisions(evaluate.__version__)
     return Fetched(_first_commit("space", repo, revisions), files)
 
 
@@ -180,7 +183,9 @@ def _hub_commit(repo_type: str, repo: str, revision: str) -> str:
     from huggingface_hub import HfApi
 
     # Always with a revision: /api/<type>s/<repo>/revision/<rev> is also what mirrors serve.
-    return HfApi().repo_info(repo, repo_type=repo_type, revision=revision).sha
+    sha = HfApi().repo_info(repo, repo_type=repo_type, revision=revision).sha
+    assert sha is not None, f"{repo_type} {repo}@{revision}: the Hub sent no commit"
+    return sha
 
 
 def _first_commit(repo_type: str, repo: str, revisions: list[str]) -> str:

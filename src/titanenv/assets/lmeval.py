@@ -185,9 +185,9 @@ def _evaluate_metrics(metric_list: list[dict], registered: set[str]) -> list[str
     for m in metric_list:
         name = m.get("metric")
         # Unresolved ``!function`` values are file paths ("/x/utils.fn"), not metric names.
-        if isinstance(name, str) and "." not in name and not name.startswith("/"):
-            if m.get("hf_evaluate") or name not in registered:
-                names.append(name)
+        is_name = isinstance(name, str) and "." not in name and not name.startswith("/")
+        if is_name and (m.get("hf_evaluate") or name not in registered):
+            names.append(str(name))  # is_name: a str
     return names
 
 

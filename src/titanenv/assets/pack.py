@@ -20,6 +20,7 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 from pydantic import BaseModel
@@ -68,14 +69,14 @@ class _PartWriter:
     def __init__(self, folder: Path, stem: str, part_size: int | None) -> None:
         self.folder, self.stem, self.part_size = folder, stem, part_size
         self.parts: list[Part] = []
-        self._file = None
+        self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._written = 0
 
     def _open_next(self) -> None:
         self._close_current()
         name = f"{self.stem}.{len(self.parts):03d}"
-        self._file = open(self.folder / f".{name}.partial", "wb")
+        self._file = open(self.folder / f".{name}.partial", "wb")  # noqa: SIM115 writer keeps part open
         self.parts.append(Part(name=name, size=0, sha256=""))
 
     def _close_current(self) -> None:
@@ -89,6 +90,7 @@ class _PartWriter:
         while view:
             if self._file is None or (self.part_size and self._written >= self.part_size):
                 self._open_next()
+            assert self._file is not None  # _open_next opened it
             room = len(view) if not self.part_size else min(len(view), self.part_size - self._written)
             self._file.write(view[:room])
             self._hash.update(view[:room])
@@ -156,20 +158,23 @@ def pack(
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _PartWriter(out_dir, f"{name}.tar.zst", part_size)
     count = total = 0
-    with zstandard.ZstdCompressor(level=level).stream_writer(writer, closefd=False) as zw:
-        with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for rel in paths:
-                info = tar.gettarinfo(str(home / rel), arcname=rel)
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                if info.isfile():
-                    # Blobs are not in the lock by path: hash them here (the OS cache makes it cheap).
-                    info.pax_headers = {SHA_HEADER: sha_of.get(rel) or sha256_file(home / rel)}
-                    with open(home / rel, "rb") as f:
-                        tar.addfile(info, f)
-                    count, total = count + 1, total + info.size
-                else:
-                    tar.addfile(info)
+    # zstandard's stubs ask for a full IO[bytes]; stream_writer only calls write() on it
+    with (
+        zstandard.ZstdCompressor(level=level).stream_writer(writer, closefd=False) as zw,  # type: ignore[arg-type]
+        tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for rel in paths:
+            info = tar.gettarinfo(str(home / rel), arcname=rel)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if info.isfile():
+                # Blobs are not in the lock by path: hash them here (the OS cache makes it cheap).
+                info.pax_headers = {SHA_HEADER: sha_of.get(rel) or sha256_file(home / rel)}
+                with open(home / rel, "rb") as f:
+                    tar.addfile(info, f)
+                count, total = count + 1, total + info.size
+            else:
+                tar.addfile(info)
     parts = writer.close()
     shutil.copyfile(lock_path, out_dir / f"{name}.lock.json")
     if summary_path is not None and summary_path.is_file():

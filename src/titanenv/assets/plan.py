@@ -7,6 +7,7 @@ pick it by its key or by any origin.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,8 @@ class Plan:
         matched = set(picked.items) | {o for p in picked.items.values() for o in p.origins} | set(picked.unsupported)
         if missing := sorted(wanted - matched):
             raise AssetListError(
-                f"--only {', '.join(missing)}: no such asset in the plan; `titanenv assets fetch --dry-run` lists the keys"
+                f"--only {', '.join(missing)}: no such asset in the plan; "
+                "`titanenv assets fetch --dry-run` lists the keys"
             )
         return picked
 
@@ -63,7 +65,7 @@ def is_hub_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
 
 
-def build(assets: AssetList | None, add: list[str] = (), include_path: list[Path] = ()) -> Plan:
+def build(assets: AssetList | None, add: Sequence[str] = (), include_path: Sequence[Path] = ()) -> Plan:
     """The plan for an asset list (may be None) plus ``--add`` keys.
 
     lm-eval tasks (``lm_eval.tasks``, ``task_file``, ``experiment.eval_tasks``, ``task:`` keys) are

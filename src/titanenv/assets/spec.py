@@ -33,18 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
+import tomllib
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 TOKENIZER_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -114,7 +109,8 @@ class Dataset(_Strict):
 
     kind: ClassVar[str] = "dataset"
     repo: str
-    """``load_dataset``'s ``path``: a Hub dataset id, or a packaged builder (``json``, ``parquet``) with ``data_files``."""
+    """``load_dataset``'s ``path``: a Hub dataset id, or a packaged builder (``json``, ``parquet``)
+    with ``data_files``."""
     config: str | None = None
     """``load_dataset``'s ``name`` (the dataset configuration)."""
     split: str | None = None
@@ -208,7 +204,7 @@ class ExtraFile(_Strict):
         return self.dest or f"titanenv/files/{Path(self.url or '').name or 'download'}"
 
 
-Item = Union[HubModel, Tokenizer, Dataset, Metric, NltkData, ExtraFile]
+Item = HubModel | Tokenizer | Dataset | Metric | NltkData | ExtraFile
 """One thing to fetch; each has ``kind`` and ``key``."""
 
 

@@ -2,8 +2,9 @@
 
 Safe: each member passes :func:`tarfile.data_filter` (links that point outside the target,
 paths through a link that leaves it, device or FIFO members are refused), and absolute names,
-``..`` components and hard links are refused as well, naming the member. Every file is written under a temporary name, checked against its sha256 and
-renamed, so an interrupted unpack leaves no partial file; a rerun skips files already in place
+``..`` components and hard links are refused as well, naming the member. Every file is written
+under a temporary name, checked against its sha256 and renamed, so an interrupted unpack leaves
+no partial file; a rerun skips files already in place
 and completes the rest. A finished unpack leaves a marker, and a rerun then only re-verifies.
 """
 
@@ -15,6 +16,7 @@ import os
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import zstandard
 
@@ -22,6 +24,9 @@ from titanenv import atomic
 from titanenv.assets import lockfile
 from titanenv.assets.files import CHUNK
 from titanenv.assets.pack import SHA_HEADER, Manifest
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer is Python 3.12+
 from titanenv.assets.verify import Problem, verify
 from titanenv.digest import sha256_file
 
@@ -34,17 +39,18 @@ class _Concat(io.RawIOBase):
     """The archive parts read back to back as one stream."""
 
     def __init__(self, paths: list[Path]) -> None:
-        self._paths, self._file = list(paths), None
+        self._paths = list(paths)
+        self._file: io.BufferedReader | None = None
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf: bytearray) -> int:
+    def readinto(self, buf: Buffer) -> int:
         while True:
             if self._file is None:
                 if not self._paths:
                     return 0
-                self._file = open(self._paths.pop(0), "rb")
+                self._file = open(self._paths.pop(0), "rb")  # noqa: SIM115 reader keeps part open
             n = self._file.readinto(buf)
             if n:
                 return n
@@ -103,7 +109,8 @@ def unpack(src: Path, home: Path, name: str | None = None) -> tuple[Manifest, li
     done = marker.is_file()
     if not done:
         home.mkdir(parents=True, exist_ok=True)
-        stream = zstandard.ZstdDecompressor().stream_reader(_Concat([src / p.name for p in manifest.parts]))
+        # zstandard's stubs ask for a full IO[bytes]; stream_reader only calls read()/readinto() on it
+        stream = zstandard.ZstdDecompressor().stream_reader(_Concat([src / p.name for p in manifest.parts]))  # type: ignore[arg-type]
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 _extract(tar, member, home)
@@ -115,7 +122,7 @@ def unpack(src: Path, home: Path, name: str | None = None) -> tuple[Manifest, li
 
 
 def _checked(member: tarfile.TarInfo, home: Path) -> tarfile.TarInfo:
-    """``member`` as :func:`tarfile.data_filter` passes it for ``home``, and neither absolute nor ``..`` nor a hard link.
+    """``member`` as :func:`tarfile.data_filter` passes it for ``home``; never absolute, ``..`` or a hard link.
 
     data_filter follows links already on disk, so a path or link that leaves ``home`` through
     one is caught; it would strip a leading ``/`` and allow hard links, which are refused here.
@@ -173,7 +180,7 @@ def _extract(tar: tarfile.TarFile, original: tarfile.TarInfo, home: Path) -> Non
         raise UnpackError(f"archive member {name!r}: special file; refusing")
 
 
-def _write(src: io.BufferedReader | None, dest: Path, expected: str | None, name: str) -> None:
+def _write(src: IO[bytes] | None, dest: Path, expected: str | None, name: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     h = hashlib.sha256()
     try:

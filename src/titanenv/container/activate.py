@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     image = os.environ.get("TITANENV_IMAGE")
     if not image:
         print(
-            "move_built_container_to_active.sh: error: TITANENV_IMAGE is not set (run the script, which reads configuration.sh)",
+            "move_built_container_to_active.sh: error: TITANENV_IMAGE is not set "
+            "(run the script, which reads configuration.sh)",
             file=sys.stderr,
         )
         return 1

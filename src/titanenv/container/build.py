@@ -179,7 +179,7 @@ def run(cfg: BuildConfig, log=print) -> Path | None:
         "lock_sha256": lock.sha256,
         "titanenv": __version__,
         "runtime": cfg.runtime,
-        "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     atomic.write_json(staged.with_suffix(".json"), manifest)  # written last: the build is complete
     log(
@@ -268,8 +268,9 @@ def _check_wheelhouse(cfg: BuildConfig, lock: Lock) -> None:
         cfg.wheelhouse.glob(f"flash_attn-{cfg.flash_attn}*-{cfg.target.cp}-*{cfg.arch}.whl")
     ):
         raise BuildError(
-            f"no flash-attn {cfg.flash_attn} wheel for {cfg.target.tag} in {cfg.wheelhouse}. PyPI has none: build it once "
-            f"against the base image on a login node (docs/container.md, 'flash-attn'), e.g.\n"
+            f"no flash-attn {cfg.flash_attn} wheel for {cfg.target.tag} in {cfg.wheelhouse}. "
+            "PyPI has none: build it once against the base image on a login node "
+            "(docs/container.md, 'flash-attn'), e.g.\n"
             f"  {cfg.runtime} exec {shlex.quote(str(cfg.base_sif))} pip wheel --no-deps --no-build-isolation "
             f"--wheel-dir {shlex.quote(str(cfg.wheelhouse))} flash-attn=={cfg.flash_attn}"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, cast
 
 import typer
 
@@ -41,7 +41,7 @@ app = typer.Typer(
 def check(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Apptainer definition file.")],
     build_arg: Annotated[
-        Optional[list[str]], typer.Option("--build-arg", help="KEY=VALUE, as given to apptainer build.")
+        list[str] | None, typer.Option("--build-arg", help="KEY=VALUE, as given to apptainer build.")
     ] = None,
 ) -> None:
     """Validate a definition by Apptainer 1.4/1.5's parser rules; print FILE:LINE for each problem."""
@@ -57,9 +57,7 @@ def check(
 
 @app.command()
 def render(
-    out: Annotated[
-        Optional[Path], typer.Option(help="Folder to write the definitions to (default: container/).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder to write the definitions to (default: container/).")] = None,
     check_only: Annotated[
         bool, typer.Option("--check", help="Only report definitions that differ from a fresh render.")
     ] = False,
@@ -85,10 +83,8 @@ def render(
 @app.command()
 def build(
     mode: Annotated[str, typer.Argument(help="online, download or offline.")] = "online",
-    arch: Annotated[Optional[str], typer.Option(help="x86_64 or aarch64 (default: this machine's).")] = None,
-    wheelhouse: Annotated[
-        Optional[Path], typer.Option(help="Wheel folder (default: under TITANENV_SCRATCH_DIR).")
-    ] = None,
+    arch: Annotated[str | None, typer.Option(help="x86_64 or aarch64 (default: this machine's).")] = None,
+    wheelhouse: Annotated[Path | None, typer.Option(help="Wheel folder (default: under TITANENV_SCRATCH_DIR).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the steps; change nothing.")] = False,
 ) -> None:
     """Build the image into staging (same as container/build_container.sh)."""
@@ -104,9 +100,7 @@ def build(
 
 @app.command()
 def activate(
-    staged: Annotated[
-        Optional[Path], typer.Argument(help="Image to activate (default: newest finished build).")
-    ] = None,
+    staged: Annotated[Path | None, typer.Argument(help="Image to activate (default: newest finished build).")] = None,
     rollback: Annotated[bool, typer.Option("--rollback", help="Swap the previous image back in.")] = False,
 ) -> None:
     """Make a staged image active, keeping the previous one (same as move_built_container_to_active.sh)."""
@@ -118,14 +112,14 @@ def activate(
 def verify(
     image: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Built image (.sif).")],
     definition: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(exists=True, dir_okay=False, help="Compare with this file (default: container/*.def, rendered)."),
     ] = None,
     smoke: Annotated[
         bool, typer.Option("--smoke", help="Also import every recorded package inside (exec --nv).")
     ] = False,
     runtime: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="apptainer, singularity or auto (default: TITANENV_CONTAINER_RUNTIME, else auto)."),
     ] = None,
 ) -> None:
@@ -140,7 +134,8 @@ def verify(
             raise typer.Exit(1)
         typer.echo(f"{image}: definition {verdict.definition} (sha256 {verdict.sha256[:12]}), labels match the pins")
         if smoke:
-            typer.echo(verify_mod.smoke(image, lock, name, _root(), verdict.arch))
+            # a verified image has its arch label (verify compares it); passed on as before
+            typer.echo(verify_mod.smoke(image, lock, name, _root(), cast(str, verdict.arch)))
     except client_mod.ClientError as e:
         typer.echo(f"titanenv container verify: error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -157,7 +157,7 @@ def _split(text: str) -> list[Stage]:
     starts = [i for i, line in enumerate(lines) if re.match(r"(?i)bootstrap:", line)]
     bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [len(lines)]
     stages = []
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
         stage = Stage(lo + 1)
         for i in range(lo, hi):
             words = lines[i].split()
@@ -325,13 +325,13 @@ def _bash_syntax(s: Section, defined: dict[str, str]) -> list[Problem]:
             problems.append(Problem(last.line, f"{last.message} in {m.group(2)}"))
         elif m:
             # bash counts an unclosed if/for/quote at the end of input: point at the section's last line instead
-            last = s.line + max((i for i, line in enumerate(s.body, 1) if line.strip()), default=1)
+            last_line = s.line + max((i for i, line in enumerate(s.body, 1) if line.strip()), default=1)
             message = m.group(2) + (
                 " (an if, loop, brace or quote opened in this section is not closed)"
                 if "unexpected end of file" in m.group(2)
                 else ""
             )
-            problems.append(Problem(min(s.line + int(m.group(1)), last), f"bash -n in %{s.name}: {message}"))
+            problems.append(Problem(min(s.line + int(m.group(1)), last_line), f"bash -n in %{s.name}: {message}"))
     return problems or [Problem(s.line, f"bash -n in %{s.name}: {proc.stderr.strip()}")]
 
 

@@ -27,8 +27,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 log = logging.getLogger("titanenv.preprocess")
 BACKENDS = ("auto", "hf", "gigatoken")
@@ -43,7 +47,7 @@ class HFEncoder:
 
     name = "hf"
 
-    def __init__(self, tokenizer_json: Path, tokenizer=None) -> None:
+    def __init__(self, tokenizer_json: Path, tokenizer: Tokenizer | None = None) -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
         if tokenizer is None:
             from tokenizers import Tokenizer
@@ -71,7 +75,7 @@ class GigatokenEncoder:
 
         self.raw = Path(tokenizer_json).read_bytes()
         self.tok = gigatoken.Tokenizer.from_json(self.raw)
-        self._plain = None
+        self._plain: Any = None  # a gigatoken.Tokenizer without the special tokens, made on first use
 
     def encode(self, texts: list[str], plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(flat, sizes)`` (int64); ``plain``: special-token text stays ordinary text."""
@@ -87,7 +91,8 @@ class GigatokenEncoder:
         return flat, sizes
 
 
-ENCODERS = {"hf": HFEncoder, "gigatoken": GigatokenEncoder}
+ENCODERS: dict[str, type[HFEncoder] | type[GigatokenEncoder]] = {"hf": HFEncoder, "gigatoken": GigatokenEncoder}
+Encoder = HFEncoder | GigatokenEncoder
 
 
 def without_special_tokens(tokenizer_json: bytes) -> bytes:
@@ -98,7 +103,7 @@ def without_special_tokens(tokenizer_json: bytes) -> bytes:
     return json.dumps(spec).encode()
 
 
-def build(name: str, tokenizer_json: Path):
+def build(name: str, tokenizer_json: Path) -> Encoder:
     """The encoder ``name`` (``hf`` or ``gigatoken``) for ``tokenizer_json``; reused while the file is unchanged."""
     key = _key(name, tokenizer_json)
     if key not in _encoders:
@@ -108,7 +113,7 @@ def build(name: str, tokenizer_json: Path):
     return _encoders[key]
 
 
-def adopt(tokenizer_json: Path, tokenizer) -> None:
+def adopt(tokenizer_json: Path, tokenizer: Tokenizer) -> None:
     """Reuse an already loaded ``tokenizers.Tokenizer`` as the ``hf`` encoder of ``tokenizer_json``."""
     _encoders[_key("hf", tokenizer_json)] = HFEncoder(tokenizer_json, tokenizer)
 
@@ -118,10 +123,10 @@ def release() -> None:
     _encoders.clear()
 
 
-_encoders: dict[tuple, object] = {}
+_encoders: dict[tuple[str, str, int, int], Encoder] = {}
 
 
-def _key(name: str, tokenizer_json: Path) -> tuple:
+def _key(name: str, tokenizer_json: Path) -> tuple[str, str, int, int]:
     st = Path(tokenizer_json).stat()
     return name, str(tokenizer_json), st.st_mtime_ns, st.st_size
 
@@ -135,9 +140,6 @@ class Choice:
     reason: str
     checked_documents: int = 0
     checked_tokens: int = 0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 class BackendMismatch(ValueError):
@@ -186,7 +188,7 @@ _EDGE_PROBES = (
 )
 
 
-def probes(tok) -> list[str]:
+def probes(tok: Tokenizer) -> list[str]:
     """Synthetic texts where fast tokenizers tend to differ: :data:`_EDGE_PROBES`, and every
     added token (up to 256) glued to words, spaced, doubled and between lines."""
     added = [t.content for t in list(tok.get_added_tokens_decoder().values())[:256] if t.content]
@@ -205,6 +207,7 @@ def _check_gigatoken(
     except Exception as e:  # gigatoken raises plain exceptions for tokenizers it does not support
         return f"gigatoken cannot load {tokenizer_json} ({str(e).splitlines()[0]})", 0, 0
     ref = build("hf", tokenizer_json)
+    assert isinstance(ref, HFEncoder)
     sample = [*sample, *(("probe " + repr(t), t) for t in probes(ref.tok))]
     texts = [t for _, t in sample]
     got_flat, got_sizes = fast.encode(texts, plain=plain)

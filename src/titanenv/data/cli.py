@@ -7,7 +7,7 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,28 +26,30 @@ _INPUT_HELP = (
 
 def preprocess(
     paths: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Argument(help="More inputs, as for --input (lets the shell expand globs).", show_default=False),
     ] = None,
-    input: Annotated[list[str], typer.Option("--input", help=_INPUT_HELP)] = [],
-    output_prefix: Annotated[Path, typer.Option("--output-prefix", help="Output path without extension.")] = ...,
+    input: Annotated[list[str] | None, typer.Option("--input", help=_INPUT_HELP)] = None,
+    # `= ...` is typer's marker for a required option after optional ones; mypy sees an Ellipsis default
+    output_prefix: Annotated[Path, typer.Option("--output-prefix", help="Output path without extension.")] = ...,  # type: ignore[assignment]
     tokenizer_model: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--tokenizer-model",
             help="tokenizer.json, a folder holding one, or a Hub id in the local cache (not needed with --merge).",
         ),
     ] = None,
     json_keys: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--json-keys",
             help="JSON field(s) or table column(s) to tokenize; repeat for several (each goes to PREFIX_<key>).",
+            show_default="text",
         ),
-    ] = ["text"],
+    ] = None,
     append_eod: Annotated[bool, typer.Option("--append-eod", help="Append the EOD token after each document.")] = False,
     eod_token: Annotated[
-        Optional[str], typer.Option("--eod-token", help="EOD token (default: the tokenizer's EOS).")
+        str | None, typer.Option("--eod-token", help="EOD token (default: the tokenizer's EOS).")
     ] = None,
     workers: Annotated[
         int,
@@ -59,7 +61,9 @@ def preprocess(
         str,
         typer.Option(
             "--tokenizer-backend",
-            help="hf: Hugging Face tokenizers (the reference). gigatoken: the fast Rust tokenizer, checked against hf on a sample first (error if it differs). auto: gigatoken when it matches hf on the sample, else hf with a warning.",
+            help="hf: Hugging Face tokenizers (the reference). gigatoken: the fast Rust tokenizer, checked "
+            "against hf on a sample first (error if it differs). auto: gigatoken when it matches hf on the sample, "
+            "else hf with a warning.",
         ),
     ] = "auto",
     text_document: Annotated[
@@ -69,10 +73,11 @@ def preprocess(
         ),
     ] = "file",
     piece_mb: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--piece-mb",
-            help="MB of input per piece, the unit a worker tokenizes and a rerun resumes from; compressed files are one piece each. Default: input size / 64, within 4..256 MB.",
+            help="MB of input per piece, the unit a worker tokenizes and a rerun resumes from; compressed files "
+            "are one piece each. Default: input size / 64, within 4..256 MB.",
             show_default=False,
         ),
     ] = None,
@@ -92,14 +97,14 @@ def preprocess(
         ),
     ] = 0.0,
     val_output_prefix: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--val-output-prefix", help="Where --val-fraction's documents go (default: <output-prefix>_val)."),
     ] = None,
     shard_index: Annotated[
-        Optional[int], typer.Option("--shard-index", help="This array task (default: $SLURM_ARRAY_TASK_ID, else 0).")
+        int | None, typer.Option("--shard-index", help="This array task (default: $SLURM_ARRAY_TASK_ID, else 0).")
     ] = None,
     num_shards: Annotated[
-        Optional[int], typer.Option("--num-shards", help="Array task count (default: $SLURM_ARRAY_TASK_COUNT, else 1).")
+        int | None, typer.Option("--num-shards", help="Array task count (default: $SLURM_ARRAY_TASK_COUNT, else 1).")
     ] = None,
     on_error: Annotated[
         str, typer.Option("--on-error", help="skip: count and drop bad documents; fail: stop at the first.")
@@ -155,7 +160,7 @@ def preprocess(
     if merge:
         report(pp.merge(output_prefix, shards, allow_empty=allow_empty))
         return
-    inputs = [*input, *(paths or [])]
+    inputs = [*(input or []), *(paths or [])]
     if not inputs:
         raise typer.BadParameter("at least one input is required", param_hint="--input")
     if tokenizer_model is None:
@@ -163,10 +168,10 @@ def preprocess(
     index = shard_index if shard_index is not None else _array_index()
     try:
         cfg = pp.PreprocessConfig(
-            inputs=inputs,
+            inputs=[*inputs],
             output_prefix=output_prefix,
             tokenizer_model=tokenizer_model,
-            json_keys=tuple(json_keys),
+            json_keys=tuple(json_keys or ["text"]),
             append_eod=append_eod,
             eod_token=eod_token,
             workers=workers,

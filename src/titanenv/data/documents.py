@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import Any
 
 BOM = "\ufeff"
 Texts = dict[str, str]
@@ -45,11 +46,11 @@ class KeyCensus:
     def __init__(self, keys: tuple[str, ...]) -> None:
         self.keys = keys
         self.objects = 0
-        self.present: Counter = Counter()
-        self.fields: Counter = Counter()
+        self.present: Counter[str] = Counter()
+        self.fields: Counter[str] = Counter()
         self.checked = False
 
-    def add(self, obj: Mapping) -> None:
+    def add(self, obj: Mapping[str, Any]) -> None:
         if self.objects >= KEY_CHECK_DOCUMENTS:
             return
         self.objects += 1
@@ -103,7 +104,7 @@ def from_json_line(
     return from_mapping(obj, keys, max_chars), bom
 
 
-def from_mapping(row: dict, keys: tuple[str, ...], max_chars: int | None = None) -> Texts | str:
+def from_mapping(row: dict[str, Any], keys: tuple[str, ...], max_chars: int | None = None) -> Texts | str:
     """Pick ``keys`` from a JSON object or a table row; returns the texts or a reason."""
     texts = {}
     for k in keys:

@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,11 @@ class IndexCorrupt(ValueError):
         path: the file found bad (``.idx``, or ``.bin`` when its size is wrong).
     """
 
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
         self.path = Path(path)
         super().__init__(
-            f"{path}: corrupt index: {problem}; rebuild it with `titanenv preprocess` (or copy the .bin/.idx pair again)"
+            f"{path}: corrupt index: {problem}; "
+            "rebuild it with `titanenv preprocess` (or copy the .bin/.idx pair again)"
         )
 
 
@@ -79,7 +81,7 @@ def _read_header(ipath: Path) -> tuple[np.dtype, int, int]:
     return np.dtype(DTYPES[code]), n_seq, n_doc
 
 
-def validate(prefix: str | os.PathLike) -> None:
+def validate(prefix: str | os.PathLike[str]) -> None:
     """Check that ``PREFIX.idx`` is consistent with itself and with ``PREFIX.bin``.
 
     Checks, in order: the header (magic, version 1, dtype code) and the ``.idx`` length; every
@@ -149,7 +151,7 @@ def validate(prefix: str | os.PathLike) -> None:
         raise IndexCorrupt(ipath, f"document_indices[{n_doc - 1}] = {prev}, but there are {n_seq} sequences")
 
 
-def max_token_id(prefix: str | os.PathLike, chunk_bytes: int = 64 << 20) -> int:
+def max_token_id(prefix: str | os.PathLike[str], chunk_bytes: int = 64 << 20) -> int:
     """The largest token id in ``PREFIX.bin`` (dtype from ``PREFIX.idx``), or -1 when it has no tokens.
 
     Streams the ``.bin`` in blocks of ``chunk_bytes`` (default 64 MiB), so memory stays constant;
@@ -184,11 +186,11 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
 
 
-def bin_path(prefix: str | os.PathLike) -> Path:
+def bin_path(prefix: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(prefix)}.bin")
 
 
-def idx_path(prefix: str | os.PathLike) -> Path:
+def idx_path(prefix: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(prefix)}.idx")
 
 
@@ -205,7 +207,7 @@ class IndexedDatasetWriter:
             output under the final name. Intermediate files that a rerun can check and redo skip it.
     """
 
-    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype, durable: bool = True) -> None:
+    def __init__(self, prefix: str | os.PathLike[str], dtype: np.dtype, durable: bool = True) -> None:
         self.prefix = Path(prefix)
         self.durable = durable
         self.dtype = np.dtype(dtype)
@@ -213,9 +215,9 @@ class IndexedDatasetWriter:
             raise ValueError(f"dtype {self.dtype} has no Megatron dtype code")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin_tmp = atomic.temp_path(bin_path(prefix))
-        self._bin = open(self._bin_tmp, "wb")
+        self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 builder keeps it open
         # Sequence lengths go to a side file so memory stays flat in the document count.
-        self._sizes = tempfile.TemporaryFile(dir=self.prefix.parent)
+        self._sizes = tempfile.TemporaryFile(dir=self.prefix.parent)  # noqa: SIM115 builder keeps it open
         self.num_documents = 0
         self.num_tokens = 0
 
@@ -307,7 +309,7 @@ class IndexedDatasetWriter:
     def __enter__(self) -> IndexedDatasetWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -335,7 +337,7 @@ class IndexedDataset:
             inconsistent (see :func:`validate`) or disagrees with ``.bin``.
     """
 
-    def __init__(self, prefix: str | os.PathLike, check: bool = True) -> None:
+    def __init__(self, prefix: str | os.PathLike[str], check: bool = True) -> None:
         self.prefix = Path(prefix)
         ipath, bpath = idx_path(prefix), bin_path(prefix)
         if check:
@@ -369,7 +371,9 @@ class IndexedDataset:
         return self.tokens[start : start + int(self.sizes[i])]
 
 
-def concat(sources: list[str | os.PathLike], prefix: str | os.PathLike, dtype: np.dtype) -> tuple[int, int]:
+def concat(
+    sources: Sequence[str | os.PathLike[str]], prefix: str | os.PathLike[str], dtype: np.dtype
+) -> tuple[int, int]:
     """Join indexed datasets end to end into ``prefix``, streaming, in constant memory.
 
     Token bytes are copied in 64 MiB blocks and sequence lengths in blocks of 1M entries; the
@@ -396,7 +400,7 @@ def concat(sources: list[str | os.PathLike], prefix: str | os.PathLike, dtype: n
     return w.num_documents, w.num_tokens
 
 
-def reorder(prefix: str | os.PathLike, order: np.ndarray) -> None:
+def reorder(prefix: str | os.PathLike[str], order: np.ndarray) -> None:
     """Rewrite ``prefix`` in place with its documents in ``order`` (a permutation of ``0..S-1``).
 
     Memory holds ``order`` and one document; the rest is read through the memory map.

@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from titanenv.atomic import pid_alive
 
@@ -44,13 +45,13 @@ class PrefixInUse(OSError):
         holder: its content (``pid``, ``host``, ``time``...), ``{}`` if unreadable.
     """
 
-    def __init__(self, message: str, path: Path | None = None, holder: dict | None = None) -> None:
+    def __init__(self, message: str, path: Path | None = None, holder: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.holder = holder or {}
 
 
-def lock_path(prefix: str | os.PathLike) -> Path:
+def lock_path(prefix: str | os.PathLike[str]) -> Path:
     """``PREFIX.lock``."""
     return Path(f"{os.fspath(prefix)}.lock")
 
@@ -82,10 +83,10 @@ class PrefixLock:
         OSError: the folder cannot be written (named by the OS).
     """
 
-    def __init__(self, prefix: str | os.PathLike) -> None:
+    def __init__(self, prefix: str | os.PathLike[str]) -> None:
         self.prefix = Path(prefix)
         self.path = lock_path(prefix)
-        self._mine: dict | None = None
+        self._mine: dict[str, Any] | None = None
         self._owner_pid: int | None = None
 
     def acquire(self) -> PrefixLock:
@@ -105,7 +106,7 @@ class PrefixLock:
                 if holder is None:
                     continue  # removed meanwhile: try again
                 if not self._stale(holder):
-                    raise self._in_use(holder)
+                    raise self._in_use(holder) from None
                 self._take_over(holder)
                 continue
             try:
@@ -132,10 +133,10 @@ class PrefixLock:
     def __enter__(self) -> PrefixLock:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _read(self, wait: bool = True) -> dict | None:
+    def _read(self, wait: bool = True) -> dict[str, Any] | None:
         """The holder's record; None when the file is gone; ``{}`` when unreadable."""
         deadline = time.monotonic() + (_WAIT_FOR_CONTENT_S if wait else 0)
         while True:
@@ -153,7 +154,7 @@ class PrefixLock:
                 return {}
             time.sleep(0.05)
 
-    def _stale(self, holder: dict) -> bool:
+    def _stale(self, holder: dict[str, Any]) -> bool:
         if not holder or holder.get("host") != socket.gethostname():
             return False
         pid = int(holder["pid"])
@@ -162,7 +163,7 @@ class PrefixLock:
         start = holder.get("start")
         return start is not None and _start_ticks(pid) not in (None, start)  # the pid was reused
 
-    def _in_use(self, holder: dict) -> PrefixInUse:
+    def _in_use(self, holder: dict[str, Any]) -> PrefixInUse:
         if not holder:
             return PrefixInUse(
                 f"prefix {self.prefix} in use: {self.path} exists but is unreadable; "
@@ -185,7 +186,7 @@ class PrefixLock:
             holder,
         )
 
-    def _take_over(self, holder: dict) -> None:
+    def _take_over(self, holder: dict[str, Any]) -> None:
         """Move the stale lock aside (atomic rename: one taker wins), then retry the create."""
         aside = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
         try:

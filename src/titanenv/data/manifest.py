@@ -1,5 +1,11 @@
 """``PREFIX.manifest.json``: what made a tokenized dataset, and the checks that read it back.
 
+The data -> train contract, typed: :class:`Manifest` (with :class:`Counts` that add up and a
+small record per nested object) is built from a run (:meth:`Manifest.build`), merged from array
+tasks (:meth:`Manifest.merge`), written (:meth:`Manifest.write`) and read back
+(:meth:`Manifest.read`, which names the file and the field when one is missing or mistyped).
+Every reader in titanenv uses its attributes; the JSON on disk keeps the keys below.
+
 Written last and atomically beside each output prefix, so its presence marks the output
 complete. Fields (schema 1):
 
@@ -23,6 +29,9 @@ complete. Fields (schema 1):
 ``files_skipped``     ``{"count", "examples"}``: files in folder inputs not read (hidden files,
                       ``.bin``/``.idx``/``.manifest.json`` outputs, ``*.parts/``); ``--dry-run`` lists all
 ``fingerprint``       hash of the settings and input sizes/mtimes; a rerun with the same one skips
+
+Keys added after the first release (``special_tokens``, ``max_document_chars``, ``files_skipped``,
+``documents_with_special_text``, ``output.max_token_id``) may be absent: they read as their defaults.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ SUFFIX = ".manifest.json"
 SCHEMA = 1
 MAX_EXAMPLES = 5
 """Rejected documents kept per reason as ``file:line`` (``rejected_examples``)."""
+_SKIPPED_EXAMPLES = 5  # files a folder input skipped, named in ``files_skipped.examples``
 
 _OMIT_NONE = {"omit_none": True}  # a key newer manifests add: absent from the JSON while None
 _FLAT = {"flatten": True}  # the record's keys sit at the top level of the JSON
@@ -201,7 +211,12 @@ class Counts:
 
     def __post_init__(self) -> None:
         sums = (
-            ("documents_written", self.documents_written, "documents_written_by_split", self.documents_written_by_split),
+            (
+                "documents_written",
+                self.documents_written,
+                "documents_written_by_split",
+                self.documents_written_by_split,
+            ),
             ("documents_rejected", self.documents_rejected, "rejected_by_reason", self.rejected_by_reason),
             ("tokens", self.tokens, "tokens_by_split", self.tokens_by_split),
         )
@@ -492,7 +507,6 @@ class Manifest(Mapping[str, Any]):
         )
 
 
-_SKIPPED_EXAMPLES = 5
 read = Manifest.read
 
 
@@ -502,7 +516,9 @@ def path_for(prefix: str | os.PathLike[str]) -> Path:
     return Path(text if text.endswith(SUFFIX) else text + SUFFIX)
 
 
-def check_tokenizer(manifest_path_or_prefix: str | os.PathLike[str], tokenizer_info: TokenizerInfo | str) -> Manifest | None:
+def check_tokenizer(
+    manifest_path_or_prefix: str | os.PathLike[str], tokenizer_info: TokenizerInfo | str
+) -> Manifest | None:
     """Refuse data tokenized with a different tokenizer than ``tokenizer_info``.
 
     Args:
@@ -551,9 +567,14 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 @functools.cache
@@ -564,33 +585,10 @@ def _hints(cls: type) -> dict[str, Any]:
 def _load(tp: Any, value: Any, where: str) -> Any:
     """``value`` (parsed JSON) as type ``tp``. Raises ManifestError naming ``where``."""
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise ManifestError(where or "(top level)", f"must be an object, not {_kind(value)}")
-        hints = _hints(tp)
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            name = f"{where}.{f.name}" if where else f.name
-            if f.metadata.get("flatten"):
-                kwargs[f.name] = _load(hints[f.name], value, where)
-            elif f.name in value:
-                kwargs[f.name] = _load(hints[f.name], value[f.name], name)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ManifestError(name, "is missing")
-        try:
-            return tp(**kwargs)
-        except ManifestError as e:  # a record's own check (counts that add)
-            raise ManifestError(f"{where}.{e.field}" if where else e.field, e.problem) from None
+        return _load_record(tp, value, where)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        try:
-            return _load(inner, value, where)
-        except ManifestError as e:
-            if e.field != where or type(None) not in args:
-                raise
-            raise ManifestError(where, f"{e.problem.replace(', not', ' or null, not')}") from None
+        return _load_union(args, value, where)
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise ManifestError(where, f"must be a list, not {_kind(value)}")
@@ -611,6 +609,39 @@ def _load(tp: Any, value: Any, where: str) -> Any:
     if not ok:
         raise ManifestError(where, f"must be {_TYPE_NAMES[tp]}, not {_kind(value)} ({json.dumps(value)[:40]})")
     return float(value) if tp is float else value
+
+
+def _load_record(tp: type, value: Any, where: str) -> Any:
+    """A dataclass record from a JSON object (see :func:`_load`)."""
+    if not isinstance(value, dict):
+        raise ManifestError(where or "(top level)", f"must be an object, not {_kind(value)}")
+    hints = _hints(tp)
+    kwargs = {}
+    for f in dataclasses.fields(tp):
+        name = f"{where}.{f.name}" if where else f.name
+        if f.metadata.get("flatten"):
+            kwargs[f.name] = _load(hints[f.name], value, where)
+        elif f.name in value:
+            kwargs[f.name] = _load(hints[f.name], value[f.name], name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ManifestError(name, "is missing")
+    try:
+        return tp(**kwargs)
+    except ManifestError as e:  # a record's own check (counts that add)
+        raise ManifestError(f"{where}.{e.field}" if where else e.field, e.problem) from None
+
+
+def _load_union(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    """An optional ``X | None`` from JSON (see :func:`_load`)."""
+    if value is None and type(None) in args:
+        return None
+    (inner,) = [a for a in args if a is not type(None)]
+    try:
+        return _load(inner, value, where)
+    except ManifestError as e:
+        if e.field != where or type(None) not in args:
+            raise
+        raise ManifestError(where, f"{e.problem.replace(', not', ' or null, not')}") from None
 
 
 def _dump(value: Any) -> Any:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def check_space(needs: dict[Path, int], action: str) -> None:
     Raises:
         atomic.DiskFull: names the output, the folder, the bytes needed and the bytes free.
     """
-    by_device: dict[int, list] = {}
+    by_device: dict[int, list[Any]] = {}  # [first prefix, folder, bytes needed]
     for prefix, nbytes in needs.items():
         folder = prefix.parent
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def prefix_for(base: Path, key: str, keys: tuple[str, ...], shard: tuple[int, in
     return p if len(keys) == 1 else p.with_name(f"{p.name}_{key}")
 
 
-def outputs_json(outputs: dict, keys: tuple[str, ...]) -> dict:
+def outputs_json(outputs: dict[tuple[str, int], Path], keys: tuple[str, ...]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for (split, j), prefix in outputs.items():
         out.setdefault(split, {})[keys[j]] = str(prefix)
@@ -94,12 +95,12 @@ def complete(prefix: Path) -> bool:
 
 
 def write(
-    outputs: dict,
+    outputs: dict[tuple[str, int], Path],
     keys: tuple[str, ...],
-    dtype: np.dtype,
+    dtype: np.dtype[Any],
     common: manifest.Manifest,
-    parts: dict,
-    per_output: dict | None = None,
+    parts: dict[tuple[str, int], list[Path]],
+    per_output: dict[tuple[str, int], dict[str, int]] | None = None,
     *,
     action: str = "joining the parts into",
 ) -> manifest.Manifest:

@@ -15,7 +15,10 @@ is the same whatever the number of workers or array tasks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,10 +58,10 @@ def plan(files: list[InputFile], piece_bytes: int, text_document: str) -> list[P
     pieces: list[Piece] = []
     group: list[InputFile] = []
 
-    def add(fs, start=0, stop=None, size=0):
+    def add(fs: Iterable[InputFile], start: int = 0, stop: int | None = None, size: int = 0) -> None:
         pieces.append(Piece(len(pieces), tuple(fs), start, stop, size))
 
-    def flush():
+    def flush() -> None:
         if group:
             add(group, size=sum(f.size for f in group))
             group.clear()
@@ -101,7 +104,7 @@ def assign(pieces: list[Piece], index: int, count: int) -> list[Piece]:
     sizes = np.array([max(p.size, 1) for p in pieces], dtype=np.float64)
     middles = np.cumsum(sizes) - sizes / 2
     owner = np.minimum((middles * count / max(sizes.sum(), 1)).astype(int), count - 1)
-    return [p for p, o in zip(pieces, owner) if o == index]
+    return [p for p, o in zip(pieces, owner, strict=False) if o == index]
 
 
 def shuffled(pieces: list[Piece], seed: int) -> list[Piece]:
@@ -110,7 +113,7 @@ def shuffled(pieces: list[Piece], seed: int) -> list[Piece]:
     return [pieces[i] for i in order]
 
 
-def _row_group_runs(f: InputFile, piece_bytes: int):
+def _row_group_runs(f: InputFile, piece_bytes: int) -> Iterator[tuple[int, int | None, int]]:
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(f.path).metadata
@@ -124,7 +127,7 @@ def _row_group_runs(f: InputFile, piece_bytes: int):
         yield start, None, nbytes
 
 
-def _arrow_row_runs(f: InputFile, piece_bytes: int):
+def _arrow_row_runs(f: InputFile, piece_bytes: int) -> Iterator[tuple[int, int | None, int]]:
     rows = sum(b.num_rows for b in _arrow_batches(f.path))
     if rows == 0:
         yield 0, None, f.size
@@ -135,7 +138,7 @@ def _arrow_row_runs(f: InputFile, piece_bytes: int):
         yield r, stop, f.size * (min(r + step, rows) - r) // rows
 
 
-def _arrow_batches(path):
+def _arrow_batches(path: str | Path) -> Iterator[Any]:  # pyarrow.RecordBatch (pyarrow is untyped)
     """Record batches of an Arrow IPC stream (Hugging Face datasets) or file, memory-mapped."""
     import pyarrow as pa
 

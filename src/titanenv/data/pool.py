@@ -25,14 +25,17 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
 from titanenv import atomic
 from titanenv.data import backends, worker
+from titanenv.data.pieces import Piece
 from titanenv.data.progress import Progress
 
 log = logging.getLogger("titanenv.preprocess")
@@ -68,7 +71,7 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, name="titanenv-parent-watch", daemon=True).start()
 
 
-def _init(parent: int, counters, tokenizer_json: str, backend: str) -> None:
+def _init(parent: int, counters: Any, tokenizer_json: str, backend: str) -> None:
     """Pool initializer: tie the worker's life to the parent's, then :func:`worker.init`."""
     _die_with(parent)
     # Ctrl-C reaches the whole process group; the parent decides, and stops the workers itself.
@@ -83,10 +86,10 @@ class Pool:
         self.n = n
         self.job = job
         self.executor: ProcessPoolExecutor | None = None
-        self.counters = None
+        self.counters: Any = None  # a multiprocessing Array('q', 3) while workers run
         self.finished = 0
         self.todo = 0
-        self._handlers: dict = {}
+        self._handlers: dict[int, Any] = {}
 
     def __enter__(self) -> Pool:
         if self.n < 1:
@@ -114,7 +117,7 @@ class Pool:
             self.executor.submit(int).result()  # start the workers now, before this process starts threads
             backends.release()  # the workers tokenize; the parent's copy only costs memory
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
             if self.executor and isinstance(exc, (Stopped, KeyboardInterrupt)):
                 self._stop_workers()
@@ -126,7 +129,7 @@ class Pool:
                 signal.signal(signum, handler)
             self._handlers.clear()
         if isinstance(exc, (Stopped, KeyboardInterrupt)):
-            name = signal.Signals(exc.code - 128).name if isinstance(exc, Stopped) else "SIGINT"
+            name = signal.Signals(cast(int, exc.code) - 128).name if isinstance(exc, Stopped) else "SIGINT"
             log.error(
                 "stopped by %s: %d of %d pieces finished and are kept in %s: rerun the same command to resume",
                 name,
@@ -140,7 +143,7 @@ class Pool:
         if threading.current_thread() is not threading.main_thread():
             return
 
-        def stop(signum, frame) -> None:
+        def stop(signum: int, frame: object) -> None:
             self._stop_workers()
             raise Stopped(128 + signum)
 
@@ -162,7 +165,7 @@ class Pool:
             except (OSError, ValueError, AssertionError):
                 pass
 
-    def execute(self, todo: list, progress: Progress):
+    def execute(self, todo: list[Piece], progress: Progress) -> Iterator[tuple[int, dict[str, Any]]]:
         """Yield ``(piece index, counts)`` as pieces finish, in any order.
 
         Raises:
@@ -193,7 +196,7 @@ class Pool:
                     raise _with_estimate(e, todo, self.counters[:], self.job) from None
                 self.finished += 1
 
-    def _here(self, todo: list, progress: Progress):
+    def _here(self, todo: list[Piece], progress: Progress) -> Iterator[tuple[int, dict[str, Any]]]:
         encoder = backends.build(self.job.backend, Path(self.job.tokenizer_json))
         totals = [0, 0, 0]
 
@@ -212,7 +215,7 @@ class Pool:
             self.finished += 1
 
 
-def _with_estimate(e: atomic.DiskFull, todo: list, counters, job: worker.PieceJob) -> atomic.DiskFull:
+def _with_estimate(e: atomic.DiskFull, todo: list[Piece], counters: Any, job: worker.PieceJob) -> atomic.DiskFull:
     """``e`` plus the space the rest of the run needs, scaled from the bytes written per input byte so far."""
     docs, tokens, read = counters[:3]
     if tokens <= 0 or read <= 0:
@@ -227,7 +230,7 @@ def _with_estimate(e: atomic.DiskFull, todo: list, counters, job: worker.PieceJo
     )
 
 
-def _context():
+def _context() -> Any:  # a multiprocessing context (fork or spawn)
     # fork copies only the forking thread: with other threads alive, a lock they hold stays locked.
     if sys.platform == "linux" and threading.active_count() == 1:
         return mp.get_context("fork")

@@ -33,6 +33,7 @@ import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,10 +42,14 @@ from titanenv.data import merge as merging
 from titanenv.data import tokenizer as toklib
 from titanenv.data.documents import DEFAULT_MAX_DOCUMENT_CHARS, MissingKey
 from titanenv.data.outputs import prefix_for, shard_prefix
+from titanenv.data.pieces import Piece
 from titanenv.data.pool import Pool, WorkerDied
 from titanenv.data.progress import Progress
 from titanenv.data.settings import PreprocessConfig
 from titanenv.data.worker import BadDocument
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = [
     "PreprocessConfig",
@@ -75,8 +80,8 @@ class _Plan:
 
     files: list[sources.InputFile]
     piece_bytes: int
-    pieces: list[pieces.Piece]
-    mine: list[pieces.Piece]
+    pieces: list[Piece]
+    mine: list[Piece]
     outputs: dict[tuple[str, int], Path]
     skipped: list[Path]
     """Files in folder inputs that are not read (hidden, tokenized outputs)."""
@@ -108,7 +113,7 @@ def piece_size(piece_mb: float | None, total_bytes: int) -> int:
     return int(min(256e6, max(4e6, total_bytes // 64)))
 
 
-def dry_run(cfg: PreprocessConfig) -> dict:
+def dry_run(cfg: PreprocessConfig) -> dict[str, Any]:
     """Print the inputs, the pieces each array task would take and the outputs; write nothing.
 
     Returns:
@@ -144,14 +149,15 @@ def dry_run(cfg: PreprocessConfig) -> dict:
         mark = "  <- this task" if cfg.num_shards > 1 and i == cfg.shard_index else ""
         span = f"pieces {block[0].index}..{block[-1].index}" if block else "no pieces"
         print(f"  task {i}: {span} ({len(block)} pieces, {sum(p.size for p in block) / 1e6:,.1f} MB){mark}")
-        for p in block[:3] if cfg.num_shards <= 8 else []:
-            print(f"      {p.index}: {p.describe()}")
+        for shown in block[:3] if cfg.num_shards <= 8 else []:
+            print(f"      {shown.index}: {shown.describe()}")
     print("outputs (.bin, .idx, .manifest.json):")
     for (split, j), prefix in plan.outputs.items():
         print(f"  {split} {cfg.json_keys[j]}: {prefix}")
     if cfg.num_shards > 1:
         print(
-            f"  merged by `titanenv preprocess --merge --output-prefix {shlex.quote(str(cfg.output_prefix))} --num-shards {cfg.num_shards}`"
+            f"  merged by `titanenv preprocess --merge --output-prefix {shlex.quote(str(cfg.output_prefix))} "
+            f"--num-shards {cfg.num_shards}`"
         )
     print("dry run: nothing written")
     return {
@@ -246,7 +252,7 @@ def _run(cfg: PreprocessConfig) -> manifest.Manifest:
 
 def _tokenize(
     plan: _Plan, cfg: PreprocessConfig, job: worker.PieceJob
-) -> tuple[dict, backends.Choice, list[manifest.InputRecord]]:
+) -> tuple[dict[int, dict[str, Any]], backends.Choice, list[manifest.InputRecord]]:
     """Tokenize the pieces a killed run did not finish. Returns (counts per piece, backend, inputs with sha256)."""
     stats = {p.index: s for p in plan.mine if (s := worker.finished(job, p.index)) is not None}
     todo = [p for p in plan.mine if p.index not in stats]
@@ -272,14 +278,14 @@ def _tokenize(
     return stats, choice, inputs
 
 
-def _sample(mine: list, cfg: PreprocessConfig) -> list[tuple[object, str]]:
+def _sample(mine: list[Piece], cfg: PreprocessConfig) -> list[tuple[object, str]]:
     """Documents from up to 8 pieces spread over this task, about 256 kB of text in all."""
     if not mine:
         return []
     spread = np.linspace(0, len(mine) - 1, min(_SAMPLE_PIECES, len(mine))).round().astype(int)
     picks = [mine[i] for i in sorted(set(spread))]
     budget = _SAMPLE_CHARS // len(picks)
-    sample = []
+    sample: list[tuple[object, str]] = []
     for piece in picks:
         reader = readers.read(piece, cfg.json_keys, cfg.text_document, cfg.max_document_chars)
         used = 0
@@ -307,7 +313,7 @@ class _Where:
         return self.reader.where(self.path, self.number)
 
 
-def _settings(cfg: PreprocessConfig, plan: _Plan, info: toklib.TokenizerInfo, dtype: np.dtype) -> dict:
+def _settings(cfg: PreprocessConfig, plan: _Plan, info: toklib.TokenizerInfo, dtype: np.dtype[Any]) -> dict[str, Any]:
     """Everything that decides the output bytes; its hash marks finished pieces and outputs.
 
     The config's fields that change the bytes as they are (``settings.BYTE_FIELDS``), plus what
@@ -332,12 +338,14 @@ def _finished_manifest(prefix: Path) -> manifest.Manifest | None:
         return None
 
 
-def _special_texts(tok) -> tuple[str, ...]:
+def _special_texts(tok: Tokenizer) -> tuple[str, ...]:
     """The strings of the tokenizer's special added tokens (``<|endoftext|>``...)."""
     return tuple(sorted({t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content}))
 
 
-def _per_output(piece_stats: list[dict], targets: dict) -> dict:
+def _per_output(
+    piece_stats: list[dict[str, Any]], targets: dict[tuple[str, int], Path]
+) -> dict[tuple[str, int], dict[str, int]]:
     """``{(split, key index): {"max_token_id": int (-1: no tokens), "tokens": int}}`` summed over pieces."""
     out = {k: {"max_token_id": -1, "tokens": 0} for k in targets}
     for s in piece_stats:
@@ -347,7 +355,9 @@ def _per_output(piece_stats: list[dict], targets: dict) -> dict:
     return out
 
 
-def _check_not_empty(cfg: PreprocessConfig, plan: _Plan, totals: manifest.Counts, per_output: dict) -> None:
+def _check_not_empty(
+    cfg: PreprocessConfig, plan: _Plan, totals: manifest.Counts, per_output: dict[tuple[str, int], dict[str, int]]
+) -> None:
     """Raise :class:`EmptyOutput` for an output without tokens (see the module doc for array tasks)."""
     if cfg.allow_empty:
         return
@@ -411,17 +421,17 @@ def _check_shards_not_empty(output_prefix: Path, num_shards: int) -> None:
         )
 
 
-def _backends_used(piece_stats: list[dict], default: str) -> str:
+def _backends_used(piece_stats: list[dict[str, Any]], default: str) -> str:
     """``hf``, ``gigatoken`` or ``gigatoken+hf`` when a resumed run mixed them (their ids are equal)."""
     return "+".join(sorted({s.get("backend", default) for s in piece_stats})) or default
 
 
-def _files_to_hash(mine: list) -> list[sources.InputFile]:
+def _files_to_hash(mine: list[Piece]) -> list[sources.InputFile]:
     """Files this task reads from their start: each file is hashed by exactly one array task."""
     return [f for p in mine if p.start == 0 for f in p.files]
 
 
-def _inputs_meta(mine: list, hashes: dict) -> list[manifest.InputRecord]:
+def _inputs_meta(mine: list[Piece], hashes: dict[Path, str]) -> list[manifest.InputRecord]:
     seen: dict[Path, manifest.InputRecord] = {}
     for p in mine:
         for f in p.files:

@@ -26,10 +26,12 @@ class Progress:
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
-                Progress as Bar,
                 TextColumn,
                 TimeRemainingColumn,
                 TransferSpeedColumn,
+            )
+            from rich.progress import (
+                Progress as Bar,
             )
 
             self.bar = Bar(
@@ -48,7 +50,7 @@ class Progress:
             self.bar.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.bar:
             self.bar.stop()
 

@@ -16,16 +16,21 @@ import io
 import lzma
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 from titanenv.data import documents
 from titanenv.data.pieces import Piece, _arrow_batches
 from titanenv.data.sources import InputFile
 
 _TABLE_BATCH = 1024  # rows per Arrow batch: bounded memory for any document size
+# Corrupt or truncated archives, I/O errors.
+_READ_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError)
 try:
-    from zstandard import ZstdError as _ZstdError
+    from zstandard import ZstdError
+
+    _READ_ERRORS += (ZstdError,)
 except ImportError:  # zstandard is a pinned dependency; this only keeps the module importable
-    _ZstdError = OSError
+    pass
 
 
 class UnreadableInput(OSError):
@@ -45,7 +50,7 @@ class PieceReader:
         self.bom_stripped = 0
         self._raw: io.BufferedReader | None = None  # the on-disk file, for progress
         self._done_bytes = 0
-        self._first_line = 1  # global number of the piece's first line or row
+        self._first_line: int | None = 1  # global number of the piece's first line or row
 
     def consumed(self) -> int:
         """Bytes of the on-disk input read so far (compressed bytes for compressed files)."""
@@ -75,11 +80,11 @@ class PieceReader:
                 yield from self._arrow(f)
         except UnreadableInput:
             raise
-        except (OSError, EOFError, _ZstdError) as e:  # corrupt or truncated archives, I/O errors
+        except _READ_ERRORS as e:
             names = ", ".join(str(g.path) for g in self.piece.files[:3])
             raise UnreadableInput(f"{names}: cannot read ({type(e).__name__}: {e})") from None
 
-    def _lines(self, f: InputFile) -> Iterator:
+    def _lines(self, f: InputFile) -> Iterator[tuple[str, int, documents.Texts | str]]:
         path = str(f.path)
         with _open_raw(f.path) as raw:
             self._raw = raw
@@ -104,7 +109,7 @@ class PieceReader:
         self._raw = None
         self._done_bytes = self.piece.size
 
-    def _text_files(self) -> Iterator:
+    def _text_files(self) -> Iterator[tuple[str, int, documents.Texts | str]]:
         # UTF-8 has at most 4 bytes per character: more bytes than that is too long without reading it all
         limit = -1 if self.max_chars is None else 4 * self.max_chars + 4
         for f in self.piece.files:
@@ -113,6 +118,7 @@ class PieceReader:
                 data = stream.read(limit)
                 huge = limit >= 0 and len(data) == limit and stream.read(1) != b""
             if huge:
+                result: dict[str, str] | str
                 result, bom = "too_long", False
             else:
                 result, bom = documents.from_text_bytes(data, self.keys[0], self.max_chars)
@@ -120,7 +126,7 @@ class PieceReader:
             self._done_bytes += f.size
             yield str(f.path), 1, result
 
-    def _parquet(self, f: InputFile) -> Iterator:
+    def _parquet(self, f: InputFile) -> Iterator[tuple[str, int, documents.Texts | str]]:
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(f.path)
@@ -135,7 +141,7 @@ class PieceReader:
                 yield str(f.path), n, documents.from_mapping(row, self.keys, self.max_chars)
             self._done_bytes = self.piece.size * n // rows
 
-    def _arrow(self, f: InputFile) -> Iterator:
+    def _arrow(self, f: InputFile) -> Iterator[tuple[str, int, documents.Texts | str]]:
         start, stop = self.piece.start, self.piece.stop
         self._first_line = start + 1
         total = (stop - start) if stop is not None else None
@@ -169,12 +175,13 @@ def read(piece: Piece, keys: tuple[str, ...], text_document: str = "file", max_c
 
 def _open_raw(path: Path) -> io.BufferedReader:
     try:
-        return open(path, "rb", buffering=1 << 20)
+        # typeshed types open() with a non-literal buffering as BinaryIO; "rb" with buffering > 1 is a BufferedReader
+        return cast(io.BufferedReader, open(path, "rb", buffering=1 << 20))
     except OSError as e:
         raise UnreadableInput(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _decompress(raw: io.BufferedReader, f: InputFile):
+def _decompress(raw: io.BufferedReader, f: InputFile) -> io.BufferedReader:
     if f.compression == "gzip":
         return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), 1 << 20)
     if f.compression == "zstd":

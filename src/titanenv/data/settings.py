@@ -76,7 +76,8 @@ class PreprocessConfig:
             (self.workers >= 1, "--workers must be at least 1"),
             (
                 self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
-                f"--shard-index {self.shard_index} must be in 0..{self.num_shards - 1} (--num-shards {self.num_shards})",
+                f"--shard-index {self.shard_index} must be in 0..{self.num_shards - 1} "
+                f"(--num-shards {self.num_shards})",
             ),
             (self.piece_mb is None or self.piece_mb > 0, "--piece-mb must be positive"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
@@ -102,7 +103,9 @@ class PreprocessConfig:
         return {name: getattr(self, name) for name in BYTE_FIELDS}
 
 
-BYTE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PreprocessConfig) if f.metadata.get("bytes") == "as is")
+BYTE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(PreprocessConfig) if f.metadata.get("bytes") == "as is"
+)
 """Fields whose values go into the fingerprint as they are."""
 DERIVED_BYTE_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(PreprocessConfig) if f.metadata.get("bytes") == "derived"

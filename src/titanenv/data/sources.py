@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -53,7 +54,7 @@ class InputError(FileNotFoundError):
     """An input spec matches nothing or names a file that cannot be read; the message names it."""
 
 
-def expand(specs: list[str | os.PathLike], skipped: list[Path] | None = None) -> list[InputFile]:
+def expand(specs: Sequence[str | os.PathLike[str]], skipped: list[Path] | None = None) -> list[InputFile]:
     """Expand ``--input`` specs into files, in order.
 
     Args:
@@ -97,7 +98,8 @@ def _expand_path(path: Path, skipped: list[Path]) -> list[InputFile]:
             )
         if (path / "state.json").is_file():
             return _saved_dataset(path)
-        found, passed = [], []
+        found: list[Path] = []
+        passed: list[Path] = []
         for p in sorted(path.rglob("*")):
             if p.is_file():
                 (passed if _skipped(p.relative_to(path)) else found).append(p)
@@ -171,7 +173,8 @@ def _hf_dataset(spec: str) -> list[InputFile]:
     except Exception as e:  # datasets raises many types; the message is what the user needs
         raise InputError(
             f"--input {spec}: cannot load it offline ({type(e).__name__}: {e}). On a login node, fetch it first:\n"
-            f"  TITANENV_OFFLINE=0 ./container_run.sh titanenv assets fetch --add {shlex.quote(_asset_key(name, opts, split))}"
+            "  TITANENV_OFFLINE=0 ./container_run.sh titanenv assets fetch "
+            f"--add {shlex.quote(_asset_key(name, opts, split))}"
         ) from None
     files = [Path(c["filename"]) for c in ds.cache_files]
     if not files or getattr(ds, "_indices", None) is not None:

@@ -32,12 +32,21 @@ class TokenizerInfo:
     eod_id: int | None
 
 
-def resolve(model: str | os.PathLike) -> Path:
-    """Find ``tokenizer.json`` for ``--tokenizer-model``.
+def is_hub_id(text: str) -> bool:
+    """``org/name`` that is not an existing local path: a Hub repo id (never ``./x/y``, ``/x/y``, ``~/x``)."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
+
+
+def resolve(model: str | os.PathLike[str]) -> Path:
+    """Find ``tokenizer.json`` for a tokenizer argument: titanenv's one tokenizer-folder resolver
+    (``preprocess --tokenizer-model``, ``train --tokenizer``, the training preflight, the doctor).
 
     Args:
-        model: a ``tokenizer.json`` file, a folder holding one, or a Hub repo id
-            (``org/name``) looked up in the local cache (``HF_HOME``) only.
+        model: a ``tokenizer.json`` file (any name), a folder holding one, or a Hub repo id
+            (``org/name``, :func:`is_hub_id`) looked up in the local cache (``HF_HOME``) only.
+
+    Returns:
+        The absolute path of the ``tokenizer.json`` (symlinks resolved, except in the Hub cache).
 
     Raises:
         TokenizerNotFound: nothing matches; the message says how to fetch it.
@@ -50,7 +59,7 @@ def resolve(model: str | os.PathLike) -> Path:
             return (path / "tokenizer.json").resolve()
         raise TokenizerNotFound(f"{path}: folder has no tokenizer.json")
     text = os.fspath(model)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
+    if is_hub_id(text):
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(text, "tokenizer.json")
@@ -64,7 +73,7 @@ def resolve(model: str | os.PathLike) -> Path:
     raise TokenizerNotFound(f"{text}: no such tokenizer file or folder")
 
 
-def load(model: str | os.PathLike, eod_token: str | None = None) -> TokenizerInfo:
+def load(model: str | os.PathLike[str], eod_token: str | None = None) -> TokenizerInfo:
     """Load a tokenizer and find its end-of-document id.
 
     The EOD token is ``eod_token`` when given, else the ``eos_token`` of a

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def done_path(job: PieceJob, index: int) -> Path:
     return Path(job.parts_dir) / f"{index:06d}.done.json"
 
 
-def finished(job: PieceJob, index: int) -> dict | None:
+def finished(job: PieceJob, index: int) -> dict[str, Any] | None:
     """The counts of a piece finished with these settings, or None if it must be (re)done."""
     path = done_path(job, index)
     try:
@@ -85,10 +86,13 @@ def finished(job: PieceJob, index: int) -> dict | None:
                 return None
             if len(ds) != marker["stats"]["written"][split]:
                 return None
-    return marker["stats"]
+    stats: dict[str, Any] = marker["stats"]
+    return stats
 
 
-def process(piece: Piece, job: PieceJob, encoder, report: Callable[[int, int, int], None]) -> dict:
+def process(
+    piece: Piece, job: PieceJob, encoder: backends.Encoder, report: Callable[[int, int, int], None]
+) -> dict[str, Any]:
     """Tokenize ``piece`` into its part files and write its done marker.
 
     Args:
@@ -118,7 +122,7 @@ def process(piece: Piece, job: PieceJob, encoder, report: Callable[[int, int, in
         for s in splits
         for j in range(len(cfg.json_keys))
     }
-    stats = {"documents_in": 0, "rejected": Counter(), "examples": {}, "bom_stripped": 0}
+    stats: dict[str, Any] = {"documents_in": 0, "rejected": Counter(), "examples": {}, "bom_stripped": 0}
     maxima = {k: -1 for k in writers}
     with_special = 0
     batch: list[dict[str, str]] = []
@@ -139,7 +143,7 @@ def process(piece: Piece, job: PieceJob, encoder, report: Callable[[int, int, in
         for path, n, result in reader:
             stats["documents_in"] += 1
             if census.due():
-                census.check(lambda: f"{path} up to line {reader.where(path, n).rsplit(':', 1)[-1]}")
+                census.check(_up_to_line(reader, path, n))
             if isinstance(result, str):
                 if cfg.on_error == "fail":
                     raise BadDocument(f"{reader.where(path, n)}: {result}")
@@ -174,10 +178,14 @@ def process(piece: Piece, job: PieceJob, encoder, report: Callable[[int, int, in
     stats["rejected"] = dict(stats["rejected"])
     if cfg.shuffle:
         _shuffle(piece, job, stats["written"])
-    _write_json(
-        done_path(job, piece.index), {"fingerprint": job.fingerprint, "piece": piece.describe(), "stats": stats}
-    )
+    marker = {"fingerprint": job.fingerprint, "piece": piece.describe(), "stats": stats}
+    atomic.write_json(done_path(job, piece.index), marker, indent=1)
     return stats
+
+
+def _up_to_line(reader: readers.PieceReader, path: str, n: int) -> Callable[[], str]:
+    """``path up to line N`` for a census message, counted only when asked (it may read far)."""
+    return lambda: f"{path} up to line {reader.where(path, n).rsplit(':', 1)[-1]}"
 
 
 def _shuffle(piece: Piece, job: PieceJob, written: dict[str, int]) -> None:
@@ -191,7 +199,13 @@ def _shuffle(piece: Piece, job: PieceJob, written: dict[str, int]) -> None:
             indexed.reorder(part_prefix(job, piece.index, split, j), order)
 
 
-def _write_batch(batch: list[dict[str, str]], job: PieceJob, encoder, writers: dict, maxima: dict) -> int:
+def _write_batch(
+    batch: list[dict[str, str]],
+    job: PieceJob,
+    encoder: backends.Encoder,
+    writers: dict[tuple[str, int], indexed.IndexedDatasetWriter],
+    maxima: dict[tuple[str, int], int],
+) -> int:
     """Encode ``batch`` per split and key, append EOD, write; returns the tokens written.
 
     ``maxima[(split, key index)]`` is raised to the largest id written there."""
@@ -200,7 +214,10 @@ def _write_batch(batch: list[dict[str, str]], job: PieceJob, encoder, writers: d
     cfg = job.cfg
     if cfg.val_fraction > 0:
         is_val = np.array([_in_val(d[cfg.json_keys[0]], job) for d in batch])
-        groups = {"train": [d for d, v in zip(batch, is_val) if not v], "val": [d for d, v in zip(batch, is_val) if v]}
+        groups = {
+            "train": [d for d, v in zip(batch, is_val, strict=False) if not v],
+            "val": [d for d, v in zip(batch, is_val, strict=False) if v],
+        }
     else:
         groups = {"train": batch}
     total = 0
@@ -250,27 +267,23 @@ def _in_val(text: str, job: PieceJob) -> bool:
     return int.from_bytes(h.digest(), "little") < job.cfg.val_fraction * 2**64
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    atomic.write_json(path, obj, indent=1)
-
-
 # Per-process state of a pool worker: the shared progress counters.
-_state: dict = {}
+_state: dict[str, Any] = {}
 
 
-def init(counters, tokenizer_json: str, backend: str) -> None:
+def init(counters: Any, tokenizer_json: str, backend: str) -> None:
     """Pool initializer: keep the progress counters; build the encoder (a forked worker has it already)."""
     _state.update(counters=counters)
     backends.build(backend, Path(tokenizer_json))
 
 
-def run(piece: Piece, job: PieceJob) -> tuple[int, dict]:
+def run(piece: Piece, job: PieceJob) -> tuple[int, dict[str, Any]]:
     """Pool task: process one piece; returns (piece index, counts)."""
     encoder = backends.build(job.backend, Path(job.tokenizer_json))
     return piece.index, process(piece, job, encoder, _add_to(_state["counters"]))
 
 
-def _add_to(counters) -> Callable[[int, int, int], None]:
+def _add_to(counters: Any) -> Callable[[int, int, int], None]:  # a multiprocessing Array('q', 3)
     def add(docs: int, tokens: int, nbytes: int) -> None:
         with counters.get_lock():
             counters[0] += docs

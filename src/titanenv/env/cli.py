@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
         "--platform",
         default="host",
         choices=["host", *ARCHES],
-        help=f"download: the target; x86_64/aarch64 mean the image's Python {BASE_IMAGE.python} and glibc {BASE_IMAGE.glibc}",
+        help=f"download: the target; x86_64/aarch64 mean the image's Python {BASE_IMAGE.python} "
+        f"and glibc {BASE_IMAGE.glibc}",
     )
     p.add_argument("--python", help="download: target Python version MAJOR.MINOR (overrides --platform's)")
     p.add_argument("--glibc", help="download: target glibc version MAJOR.MINOR (overrides --platform's)")

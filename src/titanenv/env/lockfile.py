@@ -29,7 +29,7 @@ from titanenv.env.markers import evaluate
 try:  # Python 3.11+; only lock generation reads pyproject.toml
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - login-node Pythons older than 3.11
-    tomllib = None
+    tomllib = None  # type: ignore[assignment]  # mypy checks for 3.11, where tomllib always exists
 
 __all__ = [
     "BASE_PACKAGES",

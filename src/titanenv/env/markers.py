@@ -9,6 +9,7 @@ standard library is used: the set-up runs before any dependency is installed.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 __all__ = ["MarkerError", "evaluate"]
 
@@ -105,6 +106,8 @@ def _compare(lhs: str, op: str, rhs: str, versions: bool) -> bool:
         return lhs not in rhs
     if op == "===":
         return lhs == rhs
+    a: Any  # release tuples, or the strings themselves
+    b: Any
     if versions and _is_version(lhs) and _is_version(rhs):
         a, b = _release(lhs), _release(rhs)
         if op == "~=":

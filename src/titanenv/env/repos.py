@@ -19,9 +19,9 @@ import datetime
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["BASE_REF", "PinnedRepo", "RepoError", "read_pinned", "update"]
 

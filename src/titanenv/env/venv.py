@@ -18,9 +18,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from titanenv.env.lockfile import Lock, Requirement, write_requirements
 from titanenv.env.platforms import Platform

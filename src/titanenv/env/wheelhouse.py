@@ -20,9 +20,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from titanenv import atomic
 from titanenv.digest import sha256_file
@@ -141,7 +141,7 @@ def download(
                 break
             m = _NO_MATCH.search(proc.stderr)
             name = normalize(m.group(1)) if m else None
-            if name not in {r.name for r in remaining}:
+            if m is None or name not in {r.name for r in remaining}:
                 raise WheelhouseError(f"pip download failed:\n{_tail(proc.stderr)}")
             report.no_wheel.append(f"{name}=={m.group(2)}")
             remaining = [r for r in remaining if r.name != name]
@@ -174,7 +174,7 @@ def download(
         "requirements": [r.pin for r in reqs],
         "base": lock.base_pins() if "cpu" in extras else [],
         "built": report.built,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     atomic.write_json(dest / MANIFEST, manifest)
     return report
@@ -224,6 +224,7 @@ def _build_pure_wheels(
     built = {}
     for wheel in sorted(out.glob("*.whl")):
         key = wheel_key(wheel.name)
+        assert key is not None, wheel.name  # pip wheel writes well-formed wheel names
         if not wheel.name.endswith("-none-any.whl"):
             raise WheelhouseError(
                 f"{wheel.name} has no wheel on the index and builds a platform-specific one; "

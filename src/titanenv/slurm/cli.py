@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -34,15 +34,13 @@ def render_cmd(
         Job, typer.Option(help="train, preprocess (one node) or preprocess-parallel (job array).")
     ] = Job.train,
     machine: Annotated[
-        Optional[str], typer.Option(help=f"Machine profile: {', '.join(MACHINES)}; default: jwb for train, else jwc.")
+        str | None, typer.Option(help=f"Machine profile: {', '.join(MACHINES)}; default: jwb for train, else jwc.")
     ] = None,
     account: Annotated[str, typer.Option(help="Slurm account in the #SBATCH line.")] = "CHANGE_ME",
     nodes: Annotated[int, typer.Option(help="Nodes (train).")] = 2,
-    time: Annotated[
-        Optional[str], typer.Option(help="Wall-clock limit; default 02:00:00 (preprocess: 01:00:00).")
-    ] = None,
+    time: Annotated[str | None, typer.Option(help="Wall-clock limit; default 02:00:00 (preprocess: 01:00:00).")] = None,
     shards: Annotated[int, typer.Option(help="Array tasks (preprocess-parallel).")] = 4,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
 ) -> None:
     """Print the sbatch script of JOB for MACHINE; the files in jsc/ are `--machine jwb` (train) and `--machine jwc`."""
     machine = machine or _CHECKED_IN[job.value].machine

@@ -47,11 +47,11 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-class MarkedCheckpointManager(CheckpointManager):
+class MarkedCheckpointManager(CheckpointManager):  # type: ignore[misc]  # torchtitan ships no type hints
     """DCP checkpoints that count only with a completion marker (see the module docstring)."""
 
     @dataclass(kw_only=True, slots=True)
-    class Config(CheckpointManager.Config):
+    class Config(CheckpointManager.Config):  # type: ignore[misc]  # torchtitan ships no type hints
         """TorchTitan's checkpoint settings; ``keep_latest_k`` counts complete checkpoints."""
 
     last_saved_step: int = -1
@@ -82,7 +82,7 @@ class MarkedCheckpointManager(CheckpointManager):
             # A folder left by an earlier attempt may still hold its marker; it must not vouch for new shards.
             # The SAVING tag marks an interrupted save as our own debris.
             checkpoints.begin_save(self._create_checkpoint_id(curr_step), **self._marker_info())
-        saved = super()._save(curr_step, last_step)
+        saved: bool = super()._save(curr_step, last_step)
         if saved:
             self.last_saved_step = curr_step
             if _rank() == 0:
@@ -92,7 +92,7 @@ class MarkedCheckpointManager(CheckpointManager):
     def _load(self, step: int = -1) -> bool:
         if step != -1:  # --checkpoint.load-step: TorchTitan skips _find_load_step
             self.resume_step = step
-        loaded = super()._load(step)
+        loaded: bool = super()._load(step)
         if loaded:
             self.last_saved_step = int(self.states[TRAIN_STATE].state_dict()["step"])
         return loaded

@@ -41,6 +41,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from titanenv import atomic
 
@@ -91,7 +92,7 @@ def parse_step(text: str | int) -> int:
     return int(m.group(1))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: object) -> Path:
+def write_json_atomic(path: str | os.PathLike[str], obj: object) -> Path:
     """Write ``obj`` as JSON to ``path``: temporary file, fsync, rename, fsync of the folder.
 
     A reader never sees a partial file, and after a crash the file is either absent or whole.
@@ -99,7 +100,7 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> Path:
     return atomic.write_json(path, obj, sort_keys=True, durable=True)
 
 
-def write_marker(step_dir: str | os.PathLike, step: int, **info: object) -> Path:
+def write_marker(step_dir: str | os.PathLike[str], step: int, **info: object) -> Path:
     """Mark ``step_dir`` complete: list every file in it with its size, then write :data:`MARKER`.
 
     Call only after the checkpoint's save has finished on every rank. ``info`` (job id, world
@@ -117,7 +118,7 @@ def write_marker(step_dir: str | os.PathLike, step: int, **info: object) -> Path
     return marker
 
 
-def begin_save(step_dir: str | os.PathLike, **info: object) -> Path:
+def begin_save(step_dir: str | os.PathLike[str], **info: object) -> Path:
     """Before a save into ``step_dir``: drop a stale marker and leave :data:`SAVING` (removed by
     :func:`write_marker`), so a save that is interrupted is known as this run's own crash debris."""
     step_dir = Path(step_dir)
@@ -127,7 +128,7 @@ def begin_save(step_dir: str | os.PathLike, **info: object) -> Path:
     return write_json_atomic(step_dir / SAVING, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
 
 
-def read_marker(step_dir: str | os.PathLike) -> dict | None:
+def read_marker(step_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The marker of ``step_dir``, or None when it has none (or an unreadable one)."""
     try:
         record = json.loads((Path(step_dir) / MARKER).read_text())
@@ -182,7 +183,7 @@ def _check(step: int, path: Path) -> CheckpointState:
     return CheckpointState(step, path, True)
 
 
-def scan(folder: str | os.PathLike) -> list[CheckpointState]:
+def scan(folder: str | os.PathLike[str]) -> list[CheckpointState]:
     """Every ``step-N`` folder under ``folder``, newest first, each checked (empty when none)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -195,7 +196,7 @@ def scan(folder: str | os.PathLike) -> list[CheckpointState]:
     return sorted(found, key=lambda s: s.step, reverse=True)
 
 
-def complete_steps(folder: str | os.PathLike) -> list[int]:
+def complete_steps(folder: str | os.PathLike[str]) -> list[int]:
     """Steps of the complete checkpoints under ``folder``, newest first."""
     return [s.step for s in scan(folder) if s.complete]
 
@@ -209,7 +210,7 @@ class ResumeDecision:
     lines: list[str] = field(default_factory=list)
 
 
-def choose_resume(folder: str | os.PathLike) -> ResumeDecision:
+def choose_resume(folder: str | os.PathLike[str]) -> ResumeDecision:
     """The newest complete checkpoint under ``folder``; every newer, incomplete one is skipped with its reason."""
     states = scan(folder)
     lines = []
@@ -217,7 +218,8 @@ def choose_resume(folder: str | os.PathLike) -> ResumeDecision:
         if s.complete:
             older = sum(1 for o in states if o.complete and o.step < s.step)
             lines.append(
-                f"resume: step-{s.step} is complete ({older} older complete checkpoint(s) kept) -> resuming from step {s.step}"
+                f"resume: step-{s.step} is complete ({older} older complete checkpoint(s) kept) "
+                f"-> resuming from step {s.step}"
             )
             return ResumeDecision(s.step, s.path, lines)
         lines.append(f"resume: skipping {s.path}: {s.reason}")
@@ -225,7 +227,7 @@ def choose_resume(folder: str | os.PathLike) -> ResumeDecision:
     return ResumeDecision(-1, None, lines)
 
 
-def begin_purge(step_dir: str | os.PathLike) -> None:
+def begin_purge(step_dir: str | os.PathLike[str]) -> None:
     """First step of deleting ``step_dir``: rename its marker to :data:`PURGING` (atomic), so an
     interrupted deletion neither looks complete nor like someone's unmarked checkpoint."""
     step_dir = Path(step_dir)
@@ -235,7 +237,7 @@ def begin_purge(step_dir: str | os.PathLike) -> None:
         (step_dir / PURGING).touch()
 
 
-def remove(step_dir: str | os.PathLike) -> None:
+def remove(step_dir: str | os.PathLike[str]) -> None:
     """Delete ``step_dir``: :func:`begin_purge`, then its files."""
     begin_purge(step_dir)
     shutil.rmtree(step_dir, ignore_errors=True)
@@ -262,7 +264,7 @@ def purgeable(states: list[CheckpointState], keep: int, resume_step: int) -> lis
     return complete[keep:] + debris
 
 
-def verify_unmarked(step_dir: str | os.PathLike) -> str:
+def verify_unmarked(step_dir: str | os.PathLike[str]) -> str:
     """Check an unmarked checkpoint against its DCP ``.metadata``; "" when it looks whole.
 
     ``.metadata`` must be present and readable by ``torch.distributed.checkpoint``; every shard
@@ -321,7 +323,7 @@ def _names(states: list[CheckpointState]) -> str:
     return ", ".join(f"step-{s.step} ({s.reason})" for s in states)
 
 
-def guard(folder: str | os.PathLike, resume_from: int | None = None, trust_unmarked: bool = False) -> Guard:
+def guard(folder: str | os.PathLike[str], resume_from: int | None = None, trust_unmarked: bool = False) -> Guard:
     """Whether training may start in ``folder`` without overwriting a checkpoint it must keep.
 
     Args:
@@ -368,21 +370,30 @@ def guard(folder: str | os.PathLike, resume_from: int | None = None, trust_unmar
     target = next((s for s in states if s.step == resume_from), None)
     if target is None:
         found = ", ".join(f"step-{s.step}" for s in states) or "none"
-        return Guard(False, f"--resume-from step-{resume_from}: there is no {folder}/step-{resume_from} (found: {found})",
-                     "pass one of the folders found, or drop --resume-from")  # fmt: skip
+        return Guard(
+            False,
+            f"--resume-from step-{resume_from}: there is no {folder}/step-{resume_from} (found: {found})",
+            "pass one of the folders found, or drop --resume-from",
+        )
     if newer := [s for s in states if s.step > resume_from and not s.ours]:
         names = ", ".join(f"step-{s.step}" for s in newer)
-        return Guard(False, f"{names} {'is' if len(newer) == 1 else 'are'} newer than step-{resume_from}: resuming from "
-                     f"step-{resume_from} would overwrite {'it' if len(newer) == 1 else 'them'}",
-                     f"resume from the newest (--resume-from step-{newer[0].step}), or move the newer folders out "
-                     f"of {folder}. No checkpoint was touched")  # fmt: skip
+        return Guard(
+            False,
+            f"{names} {'is' if len(newer) == 1 else 'are'} newer than step-{resume_from}: resuming from "
+            f"step-{resume_from} would overwrite {'it' if len(newer) == 1 else 'them'}",
+            f"resume from the newest (--resume-from step-{newer[0].step}), or move the newer folders out "
+            f"of {folder}. No checkpoint was touched",
+        )
     if not trust_unmarked:
         return Guard(False, f"--resume-from step-{resume_from}: {target.reason}",
                      "add --trust-unmarked to check its .metadata and shard sizes and mark it complete; or pass a new "
                      "--output-dir. No checkpoint was touched")  # fmt: skip
     if problem := verify_unmarked(target.path):
-        return Guard(False, f"--trust-unmarked: {target.path} is not a whole DCP checkpoint: {problem}",
-                     "pick another step-N, or start afresh with a new --output-dir. No checkpoint was touched")  # fmt: skip
+        return Guard(
+            False,
+            f"--trust-unmarked: {target.path} is not a whole DCP checkpoint: {problem}",
+            "pick another step-N, or start afresh with a new --output-dir. No checkpoint was touched",
+        )
     return Guard(True, f"resume from step-{resume_from}: unmarked, but its .metadata and shards check out "
                  "(--trust-unmarked): marked complete before training starts", trust=target)  # fmt: skip
 

@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ class StopRequest:
         install_handler: catch SIGUSR1 in this process (main thread only).
     """
 
-    def __init__(self, stop_file: str | os.PathLike | None, *, install_handler: bool = True) -> None:
+    def __init__(self, stop_file: str | os.PathLike[str] | None, *, install_handler: bool = True) -> None:
         self.stop_file = Path(stop_file) if stop_file else None
         self.signalled = False
         if install_handler:
@@ -110,7 +110,7 @@ class HangWatchdog:
         faulthandler.cancel_dump_traceback_later()
 
 
-def write_status(path: str | os.PathLike, *, state: str, step: int, steps: int, reason: str = "") -> None:
+def write_status(path: str | os.PathLike[str], *, state: str, step: int, steps: int, reason: str = "") -> None:
     """Record how training ended (``state``: ``completed`` or ``stopped``) for ``titanenv train``."""
     write_json_atomic(
         path,
@@ -118,9 +118,10 @@ def write_status(path: str | os.PathLike, *, state: str, step: int, steps: int, 
     )
 
 
-def read_status(path: str | os.PathLike) -> dict | None:
+def read_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The status written by :func:`write_status`, or None when there is none."""
     try:
-        return json.loads(Path(path).read_text())
+        status: dict[str, Any] = json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return status

@@ -53,7 +53,7 @@ import resource
 import sys
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,7 @@ class _CpuProperties:
 
 
 def _make_cpu_device_module() -> types.ModuleType:
-    mod = types.ModuleType("titanenv_cpu_device_module", "torch.cpu plus process-level memory statistics")
+    mod: Any = types.ModuleType("titanenv_cpu_device_module", "torch.cpu plus process-level memory statistics")
     for name in (
         "device_count",
         "is_available",
@@ -99,7 +99,7 @@ def _make_cpu_device_module() -> types.ModuleType:
     mod.empty_cache = lambda *_, **__: None
     mod.manual_seed = torch.manual_seed
     mod.manual_seed_all = torch.manual_seed
-    return mod
+    return cast(types.ModuleType, mod)
 
 
 CPU_DEVICE_MODULE = _make_cpu_device_module()
@@ -112,7 +112,8 @@ def _install_set_timeout() -> None:
 
 
 def _force_cpu_device() -> list[str]:
-    patched = []
+    patched: list[str] = []
+    mod: Any  # set attributes that the module type does not declare
     for name, mod in list(sys.modules.items()):
         if not name.startswith("torchtitan") or mod is None:
             continue

@@ -71,7 +71,7 @@ def document_positions(inputs: np.ndarray, eod_id: int) -> np.ndarray:
     return idx - last_start
 
 
-def resolve_eod_id(tokenizer_dir: str | os.PathLike, eod_token: str, manifest: manifestlib.Manifest | None) -> int:
+def resolve_eod_id(tokenizer_dir: str | os.PathLike[str], eod_token: str, manifest: manifestlib.Manifest | None) -> int:
     """The end-of-document id that separates documents in the data.
 
     ``eod_token`` when given (looked up in ``tokenizer_dir/tokenizer.json``); else the
@@ -93,7 +93,7 @@ def resolve_eod_id(tokenizer_dir: str | os.PathLike, eod_token: str, manifest: m
     return info.eod_id
 
 
-class TokenWindowDataset(IterableDataset, Stateful):
+class TokenWindowDataset(IterableDataset[tuple[dict[str, torch.Tensor], torch.Tensor]], Stateful):
     """Endless, resumable stream of ``(inputs, labels)`` windows for one DP rank.
 
     Args:
@@ -120,7 +120,7 @@ class TokenWindowDataset(IterableDataset, Stateful):
 
     def __init__(
         self,
-        prefix: str | os.PathLike,
+        prefix: str | os.PathLike[str],
         seq_len: int,
         dp_rank: int = 0,
         dp_world_size: int = 1,
@@ -219,7 +219,7 @@ class TokenWindowDataset(IterableDataset, Stateful):
         self._next = int(state_dict["next"])
 
 
-class MegatronDataloader(ParallelAwareDataloader):
+class MegatronDataloader(ParallelAwareDataloader):  # type: ignore[misc]  # torchtitan ships no type hints
     """TorchTitan dataloader over a Megatron ``.bin/.idx`` dataset (see module docstring).
 
     Batches are ``({"input": int64[B, L], ["positions": int64[B, L]]}, labels int64[B, L])``
@@ -227,7 +227,7 @@ class MegatronDataloader(ParallelAwareDataloader):
     """
 
     @dataclass(kw_only=True, slots=True)
-    class Config(ParallelAwareDataloader.Config):
+    class Config(ParallelAwareDataloader.Config):  # type: ignore[misc]  # torchtitan ships no type hints
         path: str = ""
         """Dataset prefix without extension: PATH.bin and PATH.idx, as written by `titanenv preprocess`."""
 

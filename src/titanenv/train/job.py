@@ -1,8 +1,9 @@
 """The training command as a typed value: from ``titanenv train`` flags to one node's torchrun launch.
 
-:class:`TrainArgs` holds the flags of ``titanenv train`` (and turns them back into an argv
-for a batch job); :func:`node_run` resolves them against an environment (a Slurm
-allocation or none) and the machine profile into a :class:`~titanenv.train.runner.NodeRun`.
+:class:`TrainArgs` (the table of :mod:`titanenv.train.settings`) holds the flags of ``titanenv
+train`` (and turns them back into an argv for a batch job); :func:`node_run` resolves them
+against an environment (a Slurm allocation or none) and the machine profile into a
+:class:`NodeRun`, planning the launch once.
 Nothing is executed or written here, so the dry run and the batch job build the very same
 command.
 """
@@ -11,69 +12,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from titanenv import config as configlib
-from titanenv.train import launch
+from titanenv.train import launch, settings
 from titanenv.train.launch import LaunchPlan
 from titanenv.train.rundir import RunDir, attempt_id, node_name
+from titanenv.train.settings import TrainArgs
 
-__all__ = ["NodeRun", "TrainArgs", "build_train_command", "node_run"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainArgs:
-    """The flags of ``titanenv train`` (see its ``--help`` for each)."""
-
-    data: Path
-    tokenizer: Path
-    output_dir: Path
-    steps: int | None = None
-    recipe: str = "titanenv_debug"
-    seq_len: int | None = None
-    batch_size: int | None = None
-    checkpoint_interval: int | None = None
-    nproc_per_node: int | None = None
-    rdzv_host: str | None = None
-    rdzv_port: int | None = None
-    eod_token: str | None = None
-    preflight: bool = True
-    preflight_timeout_s: float = 120.0
-    resume_from: int | None = None
-    trust_unmarked: bool = False
-    extra: tuple[str, ...] = ()
-
-    def argv(self) -> list[str]:
-        """``titanenv train`` flags that reproduce these arguments (absolute paths; for a batch job)."""
-        out = [
-            "--data", str(self.data.absolute()),
-            "--tokenizer", str(self.tokenizer.absolute()),
-            "--output-dir", str(self.output_dir.absolute()),
-            "--recipe", self.recipe,
-        ]  # fmt: skip
-        optional = {
-            "--steps": self.steps,
-            "--seq-len": self.seq_len,
-            "--batch-size": self.batch_size,
-            "--checkpoint-interval": self.checkpoint_interval,
-            "--nproc-per-node": self.nproc_per_node,
-            "--rdzv-host": self.rdzv_host,
-            "--rdzv-port": self.rdzv_port,
-            "--eod-token": self.eod_token,
-        }
-        for flag, value in optional.items():
-            if value is not None:
-                out += [flag, str(value)]
-        if not self.preflight:
-            out.append("--no-preflight")
-        if self.resume_from is not None:
-            out += ["--resume-from", f"step-{self.resume_from}"]
-        if self.trust_unmarked:
-            out.append("--trust-unmarked")
-        if self.preflight_timeout_s != TrainArgs.preflight_timeout_s:
-            out += ["--preflight-timeout", f"{self.preflight_timeout_s:g}"]
-        return out + (["--", *self.extra] if self.extra else [])
+__all__ = ["NodeRun", "TrainArgs", "build_train_command", "node_run", "plan", "titan_overrides"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,20 +32,16 @@ class NodeRun:
     Attributes:
         command: the torchrun argv.
         env: torchrun's environment.
-        plan: nodes, processes per node, rendezvous.
+        plan: nodes, processes per node, rendezvous (planned once, for the command and the preflight).
         run: run folder and attempt.
         node: this node's name.
         node_index: 0 on the first node.
         stop_file: the file whose appearance stops training (also created on SIGUSR1 here).
-        data: dataset prefixes (provenance, preflight).
+        args: the ``titanenv train`` flags, paths absolute (preflight, provenance).
         tokenizer: the run's tokenizer folder (preflight).
         gpus: CUDA devices this node must have (0: CPU node).
-        preflight: run the preflight checks.
-        preflight_timeout_s: how long the rendezvous check waits for all nodes.
         site: the resolved site configuration (provenance), if any.
         seq_len: tokens per sample the run trains with (preflight: the data must hold one window).
-        resume_from: ``--resume-from`` step, if given.
-        trust_unmarked: ``--trust-unmarked``.
     """
 
     command: Sequence[str]
@@ -106,15 +51,21 @@ class NodeRun:
     node: str
     node_index: int
     stop_file: Path
-    data: Sequence[Path] = ()
+    args: TrainArgs
     tokenizer: Path | None = None
     gpus: int = 0
-    preflight: bool = True
-    preflight_timeout_s: float = 120.0
     site: configlib.Resolved | None = field(default=None, repr=False)
     seq_len: int | None = None
-    resume_from: int | None = None
-    trust_unmarked: bool = False
+
+    @property
+    def data(self) -> tuple[Path, ...]:
+        """Dataset prefixes (provenance, preflight)."""
+        return (self.args.data,)
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """The flags as a record, one entry per row of the table (provenance)."""
+        return settings.record(self.args)
 
 
 RECIPE_SEQ_LEN = {"titanenv_debug": 512, "titanenv_1b": 2048}
@@ -133,56 +84,51 @@ def effective_seq_len(recipe: str, seq_len: int | None, extra: Sequence[str]) ->
     return found or seq_len or RECIPE_SEQ_LEN.get(recipe)
 
 
+def titan_overrides(args: TrainArgs, tokenizer_dir: Path) -> list[str]:
+    """TorchTitan's flags for ``args``: the run's paths, then every row of the table that maps to one."""
+    return [
+        "--hf-assets-path", str(tokenizer_dir),
+        "--dump-folder", str(args.output_dir),
+        "--dataloader.path", str(args.data),
+        *settings.titan_args(args),
+    ]  # fmt: skip
+
+
+def plan(args: TrainArgs, env: Mapping[str, str], *, cuda_devices: int, rdzv_host: str) -> LaunchPlan:
+    """This node's launch plan for ``args``; ``rdzv_host`` is the template used when ``--rdzv-host`` is unset."""
+    return launch.plan_launch(
+        env, cuda_devices=cuda_devices, nproc_per_node=args.nproc_per_node,
+        rdzv_host_template=args.rdzv_host or rdzv_host, port=args.rdzv_port,
+    )  # fmt: skip
+
+
 def build_train_command(
     *,
-    data: Path,
     tokenizer_dir: Path,
-    output_dir: Path,
-    recipe: str = "titanenv_debug",
-    steps: int | None = None,
-    seq_len: int | None = None,
-    batch_size: int | None = None,
-    checkpoint_interval: int | None = None,
-    nproc_per_node: int | None = None,
-    rdzv_host: str = "{node}",
-    rdzv_port: int | None = None,
-    eod_token: str | None = None,
     extra: Sequence[str] | None = None,
     env: Mapping[str, str] | None = None,
     cuda_devices: int | None = None,
     log_dir: Path | None = None,
     site: Mapping[str, str] | None = None,
     torchrun: str | None = None,
+    **flags: Any,
 ) -> tuple[list[str], dict[str, str]]:
     """The torchrun argv and environment for a training run (nothing is started or written).
 
-    ``env`` defaults to ``os.environ`` and ``cuda_devices`` to ``torch.cuda.device_count()``.
+    ``flags`` are :class:`TrainArgs` fields (``data``, ``output_dir``, ``recipe``, ``steps``, ...;
+    ``tokenizer`` is ``tokenizer_dir``), taken as given. ``env`` defaults to ``os.environ`` and
+    ``cuda_devices`` to ``torch.cuda.device_count()``.
     """
+    args = TrainArgs(tokenizer=tokenizer_dir, extra=tuple(extra or ()), **flags)
     env = dict(os.environ if env is None else env)
     if cuda_devices is None:
         import torch  # here, not at the top: every `titanenv` command imports this module
 
         cuda_devices = torch.cuda.device_count()
-    plan = launch.plan_launch(
-        env, cuda_devices=cuda_devices, nproc_per_node=nproc_per_node, rdzv_host_template=rdzv_host, port=rdzv_port
-    )
-    overrides = [
-        "--hf-assets-path", str(tokenizer_dir),
-        "--dump-folder", str(output_dir),
-        "--dataloader.path", str(data),
-    ]  # fmt: skip
-    optional = {
-        "--training.steps": steps,
-        "--training.seq-len": seq_len,
-        "--training.local-batch-size": batch_size,
-        "--checkpoint.interval": checkpoint_interval,
-        "--dataloader.eod-token": eod_token,
-    }
-    for flag, value in optional.items():
-        if value is not None:
-            overrides += [flag, str(value)]
-    cmd = launch.torchrun_command(plan, recipe, overrides + list(extra or []), log_dir=log_dir, torchrun=torchrun)
-    return cmd, launch.worker_env(plan, env, site=site)
+    launch_plan = plan(args, env, cuda_devices=cuda_devices, rdzv_host="{node}")
+    overrides = [*titan_overrides(args, tokenizer_dir), *args.extra]
+    cmd = launch.torchrun_command(launch_plan, args.recipe, overrides, log_dir=log_dir, torchrun=torchrun)
+    return cmd, launch.worker_env(launch_plan, env, site=site)
 
 
 def node_run(
@@ -205,52 +151,28 @@ def node_run(
         torchrun: the torchrun executable; default the one beside this Python.
     """
     machine = site.config.profile if site else configlib.MACHINES["local"]
-    output = args.output_dir.absolute()
-    run = RunDir(output, attempt_id(env))
+    args = replace(args, data=args.data.absolute(), tokenizer=args.tokenizer.absolute(),
+                   output_dir=args.output_dir.absolute())  # fmt: skip
+    run = RunDir(args.output_dir, attempt_id(env))
     node = node_name(env)
     stop_file = Path(env.get("TITANENV_STOP_FILE") or run.provenance / "stop")
     control = ["--control.stop-file", str(stop_file), "--control.status-file", str(run.status)]
-    tokenizer_dir = (tokenizer_dir or output / "tokenizer").absolute()
-    cmd, worker_env = build_train_command(
-        data=args.data.absolute(),
-        tokenizer_dir=tokenizer_dir,
-        output_dir=output,
-        recipe=args.recipe,
-        steps=args.steps,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        checkpoint_interval=args.checkpoint_interval,
-        nproc_per_node=args.nproc_per_node,
-        rdzv_host=args.rdzv_host or machine.rdzv_host,
-        rdzv_port=args.rdzv_port,
-        eod_token=args.eod_token,
-        extra=[*control, *args.extra],  # the user's flags last: they win
-        env=env,
-        cuda_devices=cuda_devices,
-        log_dir=run.logs(node),
-        site=launch.site_env(machine),
-        torchrun=torchrun,
-    )
-    plan = launch.plan_launch(
-        env, cuda_devices=cuda_devices, nproc_per_node=args.nproc_per_node,
-        rdzv_host_template=args.rdzv_host or machine.rdzv_host, port=args.rdzv_port,
-    )  # fmt: skip
+    tokenizer_dir = (tokenizer_dir or args.output_dir / "tokenizer").absolute()
+    launch_plan = plan(args, env, cuda_devices=cuda_devices, rdzv_host=machine.rdzv_host)  # once: command and preflight
+    overrides = [*titan_overrides(args, tokenizer_dir), *control, *args.extra]  # the user's flags last: they win
+    cmd = launch.torchrun_command(launch_plan, args.recipe, overrides, log_dir=run.logs(node), torchrun=torchrun)
     gpus = int(env.get("SLURM_GPUS_ON_NODE") or machine.gpus_per_node) if machine.gpus_per_node else 0
     return NodeRun(
         command=cmd,
-        env=worker_env,
-        plan=plan,
+        env=launch.worker_env(launch_plan, env, site=launch.site_env(machine)),
+        plan=launch_plan,
         run=run,
         node=node,
         node_index=int(env.get("SLURM_NODEID") or 0),
         stop_file=stop_file,
-        data=(args.data.absolute(),),
+        args=args,
         tokenizer=tokenizer_dir,
         gpus=gpus,
-        preflight=args.preflight,
-        preflight_timeout_s=args.preflight_timeout_s,
         site=site,
         seq_len=effective_seq_len(args.recipe, args.seq_len, args.extra),
-        resume_from=args.resume_from,
-        trust_unmarked=args.trust_unmarked,
     )

@@ -219,7 +219,7 @@ def torchrun_command(
     overrides: Sequence[str] = (),
     *,
     log_rank: int | None = 0,
-    log_dir: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
     torchrun: str | None = None,
 ) -> list[str]:
     """The full argv: ``torchrun <rendezvous> -m torchtitan.train --module ... --config RECIPE OVERRIDES``.

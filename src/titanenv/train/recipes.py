@@ -190,4 +190,5 @@ def load_recipe(name: str) -> TitanenvConfig:
     """
     if name not in recipe_names():
         raise ValueError(f"unknown recipe {name!r}; choose one of {recipe_names()}")
-    return globals()[name]()
+    config: TitanenvConfig = globals()[name]()
+    return config

@@ -8,7 +8,7 @@
       tokenizer/                       the run's copy of the tokenizer
       cache/max-token-id.json          preflight: largest token id of data without a manifest, by .bin size and mtime
       trainer_config.json              resolved TorchTitan config of the latest start (rank 0)
-      provenance/ATTEMPT/              one folder per start of the run (see titanenv.slurm.provenance)
+      provenance/ATTEMPT/              one folder per start of the run (see titanenv.train.provenance)
         provenance.json                versions, git sha, image, nodes, times, command, exit
         config.json                    resolved trainer config of this attempt
         site.json                      resolved site configuration (configuration.sh)

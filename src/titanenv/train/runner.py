@@ -4,9 +4,9 @@
 The steps, in order:
 
 1. the first node (``SLURM_NODEID`` 0, or the only node) records provenance
-   (:class:`titanenv.slurm.provenance.Recorder`);
-2. every node runs the preflight (:func:`titanenv.slurm.preflight.run`); on failure all
-   nodes exit with :data:`~titanenv.slurm.preflight.PREFLIGHT_FAILED` before torchrun
+   (:class:`titanenv.train.provenance.Recorder`);
+2. every node runs the preflight (:func:`titanenv.train.preflight.run`); on failure all
+   nodes exit with :data:`~titanenv.train.preflight.PREFLIGHT_FAILED` before torchrun
    (with ``--no-preflight`` the checkpoint guard still runs); with ``--trust-unmarked`` the
    first node then marks the checked ``--resume-from`` checkpoint complete;
 3. torchrun starts with SIGUSR1 *ignored* (its agent would die of it; the training
@@ -23,12 +23,12 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
-from titanenv.slurm import preflight
-from titanenv.slurm.provenance import Recorder
-from titanenv.train import checkpoints, control
+from titanenv.train import checkpoints, control, preflight
 from titanenv.train.exitcodes import ExitCode
 from titanenv.train.job import NodeRun
+from titanenv.train.provenance import Recorder
 
 __all__ = ["STOPPED", "exit_code", "run_node"]
 
@@ -37,7 +37,7 @@ STOPPED = ExitCode.STOPPED
 (EX_TEMPFAIL: try again). The sbatch script requeues the job on it."""
 
 
-def exit_code(torchrun_rc: int, status: dict | None) -> int:
+def exit_code(torchrun_rc: int, status: dict[str, Any] | None) -> int:
     """``titanenv train``'s exit code from torchrun's and the status rank 0 wrote."""
     if torchrun_rc != 0:
         return torchrun_rc
@@ -59,10 +59,10 @@ def _preflight(job: NodeRun) -> bool:
         gpus=job.gpus,
         tokenizer=job.tokenizer,
         data=job.data,
-        timeout_s=job.preflight_timeout_s,
+        timeout_s=job.args.preflight_timeout_s,
         seq_len=job.seq_len,
-        resume_from=job.resume_from,
-        trust_unmarked=job.trust_unmarked,
+        resume_from=job.args.resume_from,
+        trust_unmarked=job.args.trust_unmarked,
     )
     report = preflight.run(cfg)
     for finding in report.findings:
@@ -77,7 +77,7 @@ def _preflight(job: NodeRun) -> bool:
 
 def _checkpoint_guard(job: NodeRun) -> bool:
     """With --no-preflight, still refuse to train over checkpoints that are not ours to overwrite."""
-    finding = preflight.check_checkpoints(job.node, job.run, job.resume_from, job.trust_unmarked)
+    finding = preflight.check_checkpoints(job.node, job.run, job.args.resume_from, job.args.trust_unmarked)
     _say(finding.line())
     if not finding.ok:
         _say(f"preflight failed: {job.node} does not start training (exit {preflight.PREFLIGHT_FAILED})")
@@ -86,9 +86,9 @@ def _checkpoint_guard(job: NodeRun) -> bool:
 
 def _trust(job: NodeRun) -> bool:
     """--trust-unmarked: the first node marks the checked checkpoint complete before torchrun starts."""
-    if not job.trust_unmarked or job.resume_from is None or job.node_index != 0:
+    if not job.args.trust_unmarked or job.args.resume_from is None or job.node_index != 0:
         return True
-    guard = checkpoints.guard(job.run.checkpoints, job.resume_from, job.trust_unmarked)
+    guard = checkpoints.guard(job.run.checkpoints, job.args.resume_from, job.args.trust_unmarked)
     if guard.trust is None:
         return guard.ok  # already complete (a requeued attempt): nothing to mark
     try:
@@ -130,9 +130,11 @@ def run_node(job: NodeRun) -> int:
     """Run this node's share (see the module docstring); returns the exit code for ``titanenv train``."""
     recorder = Recorder(job.run, os.environ) if job.node_index == 0 else None
     if recorder is not None:
-        path = recorder.start(command=job.command, plan=job.plan, data=job.data, site=job.site, worker_env=job.env)
+        path = recorder.start(
+            command=job.command, plan=job.plan, data=job.data, site=job.site, worker_env=job.env, settings=job.settings
+        )
         _say(f"provenance: {path}")
-    if not (_preflight(job) if job.preflight else _checkpoint_guard(job)) or not _trust(job):
+    if not (_preflight(job) if job.args.preflight else _checkpoint_guard(job)) or not _trust(job):
         if recorder is not None:
             recorder.finish(exit_code=preflight.PREFLIGHT_FAILED, status={"state": "preflight failed"})
         return preflight.PREFLIGHT_FAILED
@@ -140,6 +142,7 @@ def run_node(job: NodeRun) -> int:
     status = control.read_status(job.run.status)
     code = exit_code(rc, status)
     if code == STOPPED:
+        assert status is not None  # STOPPED comes from the status file
         _say(f"training stopped at step {status['step']} of {status['steps']} on request; exit {STOPPED} (requeue)")
     if recorder is not None:
         recorder.finish(exit_code=code, status=status)

@@ -7,7 +7,7 @@ runs this class; nothing of TorchTitan is patched. Additions to TorchTitan's loo
 
 - **Vocabulary** follows the tokenizer (``--vocab-size``, see :class:`TitanenvTrainer.Config`).
 - **Preflight all-reduce** right after the process group exists
-  (:func:`titanenv.slurm.preflight.allreduce_check`).
+  (:func:`titanenv.train.preflight.allreduce_check`).
 - **Stop request** (:mod:`titanenv.train.control`): at every step boundary the ranks agree
   whether a stop was asked (stop file or SIGUSR1); if so they write a full checkpoint of
   the last finished step (unless that step was just saved), rank 0 writes
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,7 @@ import tyro
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
-from titanenv.slurm import preflight
-from titanenv.train import control, peak, vocab
+from titanenv.train import control, peak, preflight, vocab
 
 __all__ = ["JobControl", "TitanenvConfig", "TitanenvTrainer"]
 
@@ -60,11 +59,11 @@ class JobControl:
     """Dense bf16 peak TFLOP/s per device for MFU. 0: from the device name (titanenv.train.peak)."""
 
 
-class TitanenvTrainer(Trainer):
+class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no type hints
     """TorchTitan's Trainer with stop-on-request, a hang watchdog and a preflight all-reduce."""
 
     @dataclass(kw_only=True, slots=True)
-    class Config(Trainer.Config):
+    class Config(Trainer.Config):  # type: ignore[misc]  # torchtitan ships no type hints
         """TorchTitan's trainer config plus a model vocabulary that follows the tokenizer and job control."""
 
         vocab_size: int = 0
@@ -75,7 +74,7 @@ class TitanenvTrainer(Trainer):
 
         control: JobControl = field(default_factory=JobControl)
 
-        def build(self, **kwargs):
+        def build(self, **kwargs: Any) -> Any:  # a TitanenvTrainer (TorchTitan's Config.build)
             """Resolve the vocabulary against the tokenizer, then build the trainer.
 
             Raises:
@@ -112,7 +111,7 @@ class TitanenvTrainer(Trainer):
 
     # -- start-up
 
-    def init_distributed(self):
+    def init_distributed(self) -> Any:  # torchtitan's ParallelDims
         parallel_dims = super().init_distributed()
         node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
         if self.config.control.allreduce_timeout_s > 0 and dist.is_initialized():
@@ -136,7 +135,7 @@ class TitanenvTrainer(Trainer):
 
     # -- the loop
 
-    def train_step(self, data_iterator):
+    def train_step(self, data_iterator: Any) -> Any:
         self.watchdog.arm()  # covers this step and the checkpoint save after it, until the next step
         return super().train_step(data_iterator)
 

@@ -16,7 +16,7 @@ VOCAB_MULTIPLE = 64
 """Model vocabularies are padded up to a multiple of this (tensor-core friendly)."""
 
 
-def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike) -> int:
+def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike[str]) -> int:
     """Vocabulary size, added tokens included, of ``tokenizer_dir/tokenizer.json``.
 
     Raises:

@@ -1,4 +1,7 @@
-"""Preflight checks, run for real on this machine: filesystem, GPU rules, assets, the rendezvous handshake between nodes."""
+"""Preflight checks, run for real on this machine.
+
+Filesystem, GPU rules, assets, the rendezvous handshake between nodes.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from titanenv.slurm import preflight
-from titanenv.slurm.preflight import PreflightConfig, check_gpus
-from titanenv.train import checkpoints
+from titanenv.train import checkpoints, preflight
+from titanenv.train.preflight import PreflightConfig, check_gpus
 from titanenv.train.rundir import RunDir
 
 
@@ -173,3 +175,13 @@ def test_handshake_ignores_strangers(tmp_path):
             second = preflight.run(cfg(run, "node2", 1, endpoint))
         first = first.result()
     assert first.ok and second.ok, (first.lines, second.lines)
+
+
+@pytest.mark.parametrize(("version", "ok"), [("2.11.0+cu130", False), ("2.12.1", False), ("2.13.0+cpu", True),
+                                             ("2.14.0a0+git1234", True)])  # fmt: skip
+def test_torch_older_than_the_floor_is_named(version, ok):
+    """torch 2.11/2.12 fail deep inside TorchTitan 0.3.0 (BENCHMARKS.md, GPU check); NVIDIA's a0 builds pass."""
+    finding = preflight.check_torch("node1", version)
+    assert finding.ok is ok
+    if not ok:
+        assert version in finding.detail and preflight.MIN_TORCH in finding.detail and "image" in finding.fix

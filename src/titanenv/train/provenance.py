@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from titanenv import __version__
 from titanenv import config as configlib
@@ -164,8 +165,12 @@ class Recorder:
         data: Sequence[Path],
         site: configlib.Resolved | None,
         worker_env: Mapping[str, str],
+        settings: Mapping[str, object] | None = None,
     ) -> Path:
-        """Record everything known before training; returns the attempt folder."""
+        """Record everything known before training; returns the attempt folder.
+
+        ``settings``: the ``titanenv train`` flags, one entry per row of :mod:`titanenv.train.settings`.
+        """
         out = self.run.provenance
         out.mkdir(parents=True, exist_ok=True)
         root = Path(__file__).resolve().parents[3]
@@ -188,6 +193,7 @@ class Recorder:
                 if self.env.get(k)
             },  # fmt: skip
             "launch": {**asdict(plan), "nodes": list(plan.nodes)},
+            "settings": dict(settings or {}),
             "command": list(command),
             "data": data_records(data),
             "environment": safe_env(worker_env),
@@ -216,7 +222,7 @@ class Recorder:
         if isinstance(image, dict):
             image["sha256"] = digest
 
-    def finish(self, *, exit_code: int, status: dict | None) -> None:
+    def finish(self, *, exit_code: int, status: dict[str, Any] | None) -> None:
         """Record the end: time, exit code, how training ended, the resolved trainer config."""
         if self._hasher is not None:
             self._hasher.join(timeout=600)

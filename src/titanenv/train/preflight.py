@@ -48,9 +48,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from packaging.version import Version
 
 from titanenv.assets import doctor
 from titanenv.assets import plan as planlib
@@ -59,6 +61,7 @@ from titanenv.data import indexed
 from titanenv.data import manifest as manifestlib
 from titanenv.data import tokenizer as toklib
 from titanenv.train import checkpoints
+from titanenv.train.exitcodes import ExitCode
 from titanenv.train.rundir import RunDir
 
 __all__ = [
@@ -77,7 +80,7 @@ __all__ = [
     "run",
 ]
 
-PREFLIGHT_FAILED = 3
+PREFLIGHT_FAILED = ExitCode.PREFLIGHT_FAILED
 """Exit code of ``titanenv train`` (and of a training process) when a preflight check fails."""
 
 PROTOCOL = "titanenv-preflight-1"
@@ -191,6 +194,28 @@ def check_gpus(
     return Finding(node, "gpu", True, f"{count} CUDA devices (PyTorch CUDA {torch_cuda}{driver})")
 
 
+MIN_TORCH = "2.13"
+"""The lowest torch the train stage runs on (TorchTitan 0.3.0; measured, BENCHMARKS.md "GPU check")."""
+
+
+def check_torch(node: str, version: str | None = None) -> Finding:
+    """This torch is at least :data:`MIN_TORCH` (``version`` defaults to ``torch.__version__``).
+
+    NVIDIA's builds (``2.14.0a0+...``) compare as their release. Older ones fail deep inside
+    TorchTitan (a missing ``DataParallelMeshDims`` import, then the first backward), so say it here.
+    """
+    found = Version(torch.__version__ if version is None else version)
+    if found.release < Version(MIN_TORCH).release:  # release: 2.14.0a0 counts as 2.14.0
+        return Finding(
+            node,
+            "torch",
+            False,
+            f"torch {found} is older than {MIN_TORCH}, the lowest TorchTitan 0.3.0 runs on",
+            f"use a container image with torch >= {MIN_TORCH} (NGC pytorch 26.09 or newer; see configuration.sh)",
+        )
+    return Finding(node, "torch", True, f"torch {found}")
+
+
 def check_filesystem(node: str, run: RunDir) -> tuple[Finding, list[int]]:
     """Write, fsync and read back ``run.preflight/NODE.txt``; list the checkpoint folder.
 
@@ -291,12 +316,16 @@ def max_token_id(
     return value, f"scanned {b.name} (no manifest), cached in {cache}"
 
 
-def _check_dataset(node: str, run: RunDir, prefix: Path, tok, seq_len: int | None, scan: bool) -> Finding:
+def _check_dataset(
+    node: str, run: RunDir, prefix: Path, tok: toklib.TokenizerInfo | None, seq_len: int | None, scan: bool
+) -> Finding:
     check = "data"
     try:
         tokens = indexed.IndexedDataset(prefix).num_tokens  # opening validates the index (indexed.validate)
     except (ValueError, OSError) as e:
-        return Finding(node, check, False, str(e), "rebuild it with `titanenv preprocess`, or copy the .bin/.idx pair again")  # fmt: skip
+        return Finding(
+            node, check, False, str(e), "rebuild it with `titanenv preprocess`, or copy the .bin/.idx pair again"
+        )
     try:
         manifest = manifestlib.check_tokenizer(prefix, tok) if tok is not None else manifestlib.read(prefix)
     except manifestlib.TokenizerMismatch as e:
@@ -374,8 +403,13 @@ def _bind(node: str, host: str, port: int) -> tuple[socket.socket | None, Findin
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
-        return None, Finding(node, check, False, f"cannot resolve the rendezvous host {host!r}: {e}",
-                             "check the machine profile's rdzv_host template (`titanenv config show`) or pass --rdzv-host")  # fmt: skip
+        return None, Finding(
+            node,
+            check,
+            False,
+            f"cannot resolve the rendezvous host {host!r}: {e}",
+            "check the machine profile's rdzv_host template (`titanenv config show`) or pass --rdzv-host",
+        )
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -442,11 +476,11 @@ def check_loopback(node: str, host: str = "localhost", port: int = 0) -> Finding
     return failed or Finding(node, "rendezvous", True, f"{host}:{port} bound and reachable on {node}")
 
 
-def _send(conn: socket.socket, obj: dict) -> None:
+def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
     conn.sendall((json.dumps(obj) + "\n").encode())
 
 
-def _recv(conn: socket.socket) -> dict | None:
+def _recv(conn: socket.socket) -> dict[str, Any] | None:
     line = conn.makefile("rb").readline()
     try:
         obj = json.loads(line)
@@ -455,7 +489,7 @@ def _recv(conn: socket.socket) -> dict | None:
     return obj if isinstance(obj, dict) and obj.get("protocol") == PROTOCOL else None
 
 
-def _finding(obj: dict) -> Finding:
+def _finding(obj: dict[str, Any]) -> Finding:
     return Finding(**{k: obj[k] for k in ("node", "check", "ok", "detail", "fix")})
 
 
@@ -467,7 +501,7 @@ def serve(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Rep
     if sock is None:
         return Report(False, findings, [f.line() for f in findings if not f.ok])
     deadline = time.monotonic() + cfg.timeout_s
-    peers: list[tuple[socket.socket, dict]] = []
+    peers: list[tuple[socket.socket, dict[str, Any]]] = []
     try:
         sock.listen(max(cfg.nnodes, 8))
         if (unreachable := _probe(sock, cfg.node, host, accept=False)) is not None:
@@ -505,7 +539,9 @@ def serve(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Rep
     return Report(ok, findings, lines)
 
 
-def _verify(cfg: PreflightConfig, peers: list[tuple[socket.socket, dict]], own_steps: list[int]) -> list[Finding]:
+def _verify(
+    cfg: PreflightConfig, peers: list[tuple[socket.socket, dict[str, Any]]], own_steps: list[int]
+) -> list[Finding]:
     out: list[Finding] = []
     arrived = {report["node"] for _, report in peers}
     if len(peers) < cfg.nnodes - 1:
@@ -525,14 +561,26 @@ def _verify(cfg: PreflightConfig, peers: list[tuple[socket.socket, dict]], own_s
         except (OSError, json.JSONDecodeError):
             visible = False
         if not visible:
-            out.append(Finding(node, "filesystem", False,
-                               f"{cfg.node} cannot see {probe}, which {node} wrote: the run folder is not shared",
-                               "use an --output-dir on a filesystem mounted on all nodes (and bound into the container)"))  # fmt: skip
+            out.append(
+                Finding(
+                    node,
+                    "filesystem",
+                    False,
+                    f"{cfg.node} cannot see {probe}, which {node} wrote: the run folder is not shared",
+                    "use an --output-dir on a filesystem mounted on all nodes (and bound into the container)",
+                )
+            )
         if report.get("checkpoints") != own_steps:
-            out.append(Finding(node, "filesystem", False,
-                               f"{node} sees complete checkpoints {report.get('checkpoints')[:3]} but {cfg.node} sees "
-                               f"{own_steps[:3]} in {cfg.run.checkpoints}",
-                               "all nodes must see the same checkpoint folder (a shared filesystem)"))  # fmt: skip
+            out.append(
+                Finding(
+                    node,
+                    "filesystem",
+                    False,
+                    f"{node} sees complete checkpoints {(report.get('checkpoints') or [])[:3]} "
+                    f"but {cfg.node} sees {own_steps[:3]} in {cfg.run.checkpoints}",
+                    "all nodes must see the same checkpoint folder (a shared filesystem)",
+                )
+            )
     if peers and all(f.ok for f in out):
         out.append(Finding(cfg.node, "rendezvous", True, f"all {cfg.nnodes} nodes reported to {cfg.rdzv_endpoint}"))
     return out
@@ -555,8 +603,13 @@ def join(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Repo
             last = e
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
     if conn is None:
-        f = Finding(cfg.node, "rendezvous", False,
-                    f"cannot reach the rendezvous {host}:{port} within {cfg.timeout_s:.0f} s (last error: {last})", fix)  # fmt: skip
+        f = Finding(
+            cfg.node,
+            "rendezvous",
+            False,
+            f"cannot reach the rendezvous {host}:{port} within {cfg.timeout_s:.0f} s (last error: {last})",
+            fix,
+        )
         return Report(False, [*own, f], [x.line() for x in [*own, f] if not x.ok])
     with conn:
         message = {
@@ -565,7 +618,8 @@ def join(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Repo
             "findings": [asdict(f) for f in own],
             "checkpoints": own_steps,
         }
-        # The verdict comes when the last node reported, at the latest at the first node's deadline (its clock started a bit later or earlier).
+        # The verdict comes when the last node reported, at the latest at the first node's deadline
+        # (its clock started a bit later or earlier).
         conn.settimeout(max(1.0, deadline - time.monotonic()) + 1 + 0.25 * cfg.timeout_s)
         try:
             _send(conn, message)
@@ -573,9 +627,14 @@ def join(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Repo
         except OSError as e:
             verdict, last = None, e
     if verdict is None:
-        f = Finding(cfg.node, "rendezvous", False,
-                    f"reached {host}:{port} but got no preflight answer ({last or 'connection closed'}): another program "
-                    "listens on this port, or the first node failed before answering", fix)  # fmt: skip
+        f = Finding(
+            cfg.node,
+            "rendezvous",
+            False,
+            f"reached {host}:{port} but got no preflight answer ({last or 'connection closed'}): another program "
+            "listens on this port, or the first node failed before answering",
+            fix,
+        )
         return Report(False, [*own, f], [x.line() for x in [*own, f] if not x.ok])
     reached = Finding(cfg.node, "rendezvous", True, f"reached {host}:{port}")
     return Report(bool(verdict["ok"]), [*own, reached], list(verdict.get("lines", [])))
@@ -587,6 +646,7 @@ def run(cfg: PreflightConfig) -> Report:
     own = [fs]
     if fs.ok:
         own.append(check_checkpoints(cfg.node, cfg.run, cfg.resume_from, cfg.trust_unmarked))
+    own.append(check_torch(cfg.node))
     if cfg.gpus > 0:
         own.append(check_gpus(cfg.node, cfg.gpus))
     if cfg.assets:
@@ -617,8 +677,12 @@ def allreduce_check(timeout_s: float, device: torch.device, node: str) -> float:
     what = f"preflight FAILED on {node}: all-reduce over {world} ranks ({backend}), rank {rank}"
 
     def give_up() -> None:
-        print(f"{what}: no result after {timeout_s:.0f} s -- fix: check the interconnect settings "
-              "(NCCL_SOCKET_IFNAME, NCCL_IB_*) and that every node runs the same image", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{what}: no result after {timeout_s:.0f} s -- fix: check the interconnect settings "
+            "(NCCL_SOCKET_IFNAME, NCCL_IB_*) and that every node runs the same image",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(PREFLIGHT_FAILED)
 
     backstop = threading.Timer(timeout_s + 10, give_up)  # if wait() itself hangs

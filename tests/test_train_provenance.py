@@ -6,7 +6,7 @@ import json
 import re
 
 from titanenv import config as configlib
-from titanenv.slurm import provenance
+from titanenv.train import provenance
 from titanenv.train.launch import LaunchPlan
 from titanenv.train.rundir import RunDir, attempt_id
 
@@ -46,8 +46,13 @@ def test_recorder_writes_the_launch(tmp_path, root, monkeypatch):
     plan = LaunchPlan(
         nnodes=2, nproc_per_node=4, rdzv_endpoint="n1i:30000", rdzv_id="9", device="cuda", nodes=("n1", "n2")
     )
-    folder = recorder.start(command=["torchrun", "-m", "torchtitan.train"], plan=plan, data=[tmp_path / "none"],
-                            site=configlib.load(root / "configuration.sh"), worker_env={**env, "NCCL_IB_TIMEOUT": "50"})  # fmt: skip
+    folder = recorder.start(
+        command=["torchrun", "-m", "torchtitan.train"],
+        plan=plan,
+        data=[tmp_path / "none"],
+        site=configlib.load(root / "configuration.sh"),
+        worker_env={**env, "NCCL_IB_TIMEOUT": "50"},
+    )
     (run.root / "trainer_config.json").write_text('{"training": {"steps": 3}}')
     recorder.finish(exit_code=75, status={"state": "stopped", "step": 2})
     record = json.loads((folder / "provenance.json").read_text())
