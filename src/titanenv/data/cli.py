@@ -6,6 +6,7 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -155,6 +156,7 @@ def preprocess(
     The bytes are the same whatever --workers and the array size.
     """
     from titanenv.data import preprocess as pp
+    from titanenv.data.pool import Stopped
 
     shards = num_shards if num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
     if merge:
@@ -196,7 +198,16 @@ def preprocess(
         return
     if submit_merge and index == 0 and shards > 1:
         _submit_merge(output_prefix, shards, allow_empty)
-    report(pp.run(cfg))
+    try:
+        result = pp.run(cfg)
+    except Stopped as e:
+        # Workers are killed and the lock released. Exit now: ProcessPoolExecutor's exit hook
+        # can wait forever on the queues of killed workers (seen with SIGINT).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(e.code or 1))
+    report(result)
 
 
 def _array_index() -> int:
