@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_data_resume import workers_of as children
 from titanenv.data import indexed
 from titanenv.data import preprocess as pp
 
@@ -187,20 +188,6 @@ def preprocess_args(
         "--tokenizer-backend",
         "hf",
     ]
-
-
-def children(pid: int) -> list[int]:
-    """Worker processes of ``pid``: its children, except multiprocessing's resource tracker."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"resource_tracker" not in cmdline:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def alive(pid: int) -> bool:
