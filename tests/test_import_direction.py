@@ -27,8 +27,10 @@ LAYERS: dict[str, int] = {
     "data": 2,
     "assets": 3,
     "train": 4,
-    "eval": 5,
-    "slurm": 6,
+    "export": 5,
+    "eval": 6,
+    "slurm": 7,
+    "api": 8,
     "cli": 9,
 }
 CLI_LAYER = 9

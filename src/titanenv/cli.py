@@ -19,6 +19,7 @@ from titanenv import config as configlib
 from titanenv.assets import cli as assets_cli
 from titanenv.container import cli as container_cli
 from titanenv.data import cli as data_cli
+from titanenv.eval import cli as eval_cli
 from titanenv.slurm import cli as slurm_cli
 from titanenv.train import cli as train_cli
 
@@ -80,7 +81,7 @@ app.add_typer(slurm_cli.app, name="slurm")
 app.command("doctor")(assets_cli.doctor)
 app.command("preprocess")(data_cli.preprocess)
 app.command("train")(train_cli.train)
-app.command("eval")(train_cli.evaluate)
+app.command("eval")(eval_cli.evaluate)
 
 
 @app.command()
@@ -113,7 +114,7 @@ def demo(
     console.rule("train")
     train_cli.train(data=data / "train", tokenizer=tokenizer, output_dir=run_dir, steps=steps)
     console.rule("eval")
-    train_cli.evaluate(output_dir=run_dir, data=data / "val", tokenizer=tokenizer)
+    eval_cli.evaluate(output_dir=run_dir, data=data / "val", tokenizer=tokenizer)
     console.rule("outputs")
     print("\n".join(_output_lines(data, run_dir)))
 
