@@ -31,7 +31,22 @@ def sample() -> Path:
     return SAMPLE
 
 
+from runs import TinyRun, make_tiny_run  # noqa: E402
 from slurm_harness import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_run("test" | "gpt2") -> runs.TinyRun``: a finished few-step CPU run of the debug recipe with
+    that tokenizer (tests/runs.py), trained on first use and shared by the whole session."""
+    made: dict[str, TinyRun] = {}
+
+    def get(tokenizer: str = "test") -> TinyRun:
+        if tokenizer not in made:
+            made[tokenizer] = make_tiny_run(tmp_path_factory.mktemp(f"tiny-run-{tokenizer}"), tokenizer)
+        return made[tokenizer]
+
+    return get
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -306,6 +306,33 @@ def test_verify_catches_a_flipped_byte_and_a_missing_file(world, tmp_path):
     assert f"BAD {arrow.relative_to(home).as_posix()}: missing" in p.stderr
 
 
+def test_doctor_check_tasks_builds_fetched_tasks_and_names_the_fix(world, tmp_path):
+    """--check-tasks: lm-eval builds the fetched Hub task offline; one never fetched fails with its fix, which works."""
+    require(UNSHARE, "needs `unshare -n` (root) to cut the network")
+    home = tmp_path / "hf"
+    shutil.copytree(world.home, home, symlinks=True)
+    env = dict(world.env, HF_HOME=str(home), NLTK_DATA=str(home / "nltk_data"))
+    args = ["doctor", "--offline", "assets.toml", "--isolation", "unshare", "--check-tasks"]
+    p = titanenv(args, env, world.base)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 of 1 lm-eval tasks build offline" in p.stdout and "do not build" not in p.stdout
+    # This HF_HOME never got the task's dataset: lm-eval cannot build the task.
+    shutil.rmtree(home / "datasets" / DATASET.replace("/", "___"))
+    p = titanenv(args, env, world.base)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "lm-eval tasks that do not build offline" in p.stdout and "0 of 1 lm-eval tasks build offline" in p.stdout
+    row = next(line for line in p.stdout.splitlines() if line.startswith("│ tiny_c4_overlap "))  # the table's row
+    fix = (
+        "TITANENV_OFFLINE=0 ./container_run.sh titanenv assets fetch --add task:tiny_c4_overlap "
+        f"--task-path {world.base / 'tasks'}"
+    )
+    assert fix in row and DATASET in row, p.stdout
+    fetched = titanenv(shlex.split(fix)[3:], env, world.base)  # the printed command, online
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    p = titanenv(args, env, world.base)
+    assert p.returncode == 0 and "1 of 1 lm-eval tasks build offline" in p.stdout, p.stdout + p.stderr
+
+
 def test_no_output_holds_the_token(world, tmp_path):
     """Every output of this module: command output, lockfile, summary, archives (decompressed), caches."""
     p = titanenv(["assets", "pack", "assets.toml", "--out", str(tmp_path / "pack")], world.env, world.base)

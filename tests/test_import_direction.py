@@ -21,6 +21,8 @@ LAYERS: dict[str, int] = {
     "offline": 0,
     "templating": 0,
     "bootstrap": 0,
+    "slurmenv": 0,
+    "sbatch": 0,
     "config": 1,
     "env": 2,
     "container": 3,

@@ -9,8 +9,10 @@ import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
+import torch.distributed as dist
 
 from titanenv.train import checkpoints, preflight
 from titanenv.train.preflight import PreflightConfig, check_gpus
@@ -41,6 +43,18 @@ def test_two_nodes_meet_and_agree(tmp_path):
     assert first.ok and second.ok, (first.lines, second.lines)
     assert any(f.check == "rendezvous" and "all 2 nodes reported" in f.detail for f in first.findings)
     assert (run.preflight / "node2.txt").is_file()
+
+
+def test_the_port_is_free_for_torchrun_once_the_nodes_agreed(tmp_path):
+    """The preflight store is closed before torchrun starts: its c10d rendezvous serves the same port next."""
+    run = RunDir(tmp_path / "run", "job-1.0")
+    port = free_port()
+    first, second = run_nodes(cfg(run, "node1", 0, f"127.0.0.1:{port}"), cfg(run, "node2", 1, f"127.0.0.1:{port}"))
+    assert first.ok and second.ok, (first.lines, second.lines)
+    store = dist.TCPStore("127.0.0.1", port, None, True, timedelta(seconds=5), wait_for_workers=False)
+    store.set("rendezvous", "torchrun")
+    assert store.get("rendezvous") == b"torchrun"
+    del store
 
 
 def test_a_node_that_never_comes_is_named(tmp_path):

@@ -17,6 +17,8 @@ import typer.main
 from typer.testing import CliRunner
 
 from titanenv import eval as ev
+from titanenv.eval import cli as eval_cli
+from titanenv.eval import loss as eval_loss
 from titanenv.train import cli, job, launch, provenance, settings
 from titanenv.train.settings import SubmitArgs, TrainArgs, option
 
@@ -24,7 +26,8 @@ from titanenv.train.settings import SubmitArgs, TrainArgs, option
 SET = {
     "steps": 7, "recipe": "titanenv_1b", "seq_len": 128, "batch_size": 3, "checkpoint_interval": 5,
     "nproc_per_node": 2, "rdzv_host": "{node}-ib", "rdzv_port": 30001, "eod_token": "<|eod|>", "preflight": False,
-    "preflight_timeout_s": 7.5, "resume_from": 4, "trust_unmarked": True, "extra": ("--debug.seed", "0"),
+    "preflight_timeout_s": 7.5, "resume_from": 4, "trust_unmarked": True, "export_at_end": True,
+    "extra": ("--debug.seed", "0"),
 }  # fmt: skip
 
 
@@ -193,7 +196,7 @@ def test_eval_with_a_prompt_loads_the_model_once(tmp_path, sample, monkeypatch):
 
     monkeypatch.setattr(ev, "read_run_record", lambda output_dir: run)
     monkeypatch.setattr(ev, "load_model", load_model)
-    monkeypatch.setattr(ev, "validation_loss", lambda model, data, seq_len, **kw: (1.0, 16, 1))
-    cli.evaluate(output_dir=tmp_path, data=dataset(tmp_path), prompt="The", max_new_tokens=2)
+    monkeypatch.setattr(eval_loss, "validation_loss", lambda model, data, seq_len, **kw: (1.0, 16, 1))
+    eval_cli.evaluate(output_dir=tmp_path, data=dataset(tmp_path), prompt="The", max_new_tokens=2)
     assert loads == [None]
     assert json.loads((tmp_path / "eval.json").read_text())["step"] == 5

@@ -20,6 +20,7 @@ from titanenv.assets import cli as assets_cli
 from titanenv.container import cli as container_cli
 from titanenv.data import cli as data_cli
 from titanenv.eval import cli as eval_cli
+from titanenv.export import cli as export_cli
 from titanenv.slurm import cli as slurm_cli
 from titanenv.train import cli as train_cli
 
@@ -82,6 +83,8 @@ app.command("doctor")(assets_cli.doctor)
 app.command("preprocess")(data_cli.preprocess)
 app.command("train")(train_cli.train)
 app.command("eval")(eval_cli.evaluate)
+app.command("export")(export_cli.export)
+app.command("generate")(eval_cli.generate)
 
 
 @app.command()

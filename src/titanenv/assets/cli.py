@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from titanenv import config as configlib
 from titanenv import offline
 from titanenv.assets import cache, lockfile, spec
 from titanenv.assets import plan as planlib
 from titanenv.assets.files import redact
+from titanenv.assets.lmeval import TaskCheck
 
 app = typer.Typer(help="Offline assets: fetch on a login node, lock, verify, pack, unpack.", no_args_is_help=True)
 
@@ -122,6 +126,8 @@ def fetch(
                 typer.echo(f"{key}    <- {', '.join(p.origins)}")
             for key, why in plan.unsupported.items():
                 typer.echo(f"{key}    UNSUPPORTED: {why}")
+            for name, leaves in plan.tasks.items():
+                typer.echo(f"task:{name}    = {len(leaves)} lm-eval tasks: {' '.join(leaves)}")
             typer.echo(f"{len(plan.items)} assets into HF_HOME={home}; {len(plan.unsupported)} unsupported")
             return
         lock_path = lock or lockfile.default_path(assets, home)
@@ -236,12 +242,21 @@ def doctor(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Also list every offline variable the check runs with.")
     ] = False,
+    check_tasks: Annotated[
+        bool,
+        typer.Option(
+            "--check-tasks",
+            help="Also build every lm-eval task offline (its dataset, first example, metrics and nltk data) "
+            "and list each task that fails, with the command that fetches it.",
+        ),
+    ] = False,
 ) -> None:
     """Prove a job's assets resolve offline: tokenizer, training data, model, eval tasks and the asset list.
 
     Each is loaded as the job loads it, in a process with the offline environment and the network
     cut (unshare -n, else a socket guard). Every missing asset is printed with the command that
-    fetches it. Exit 1 if any is missing.
+    fetches it. With --check-tasks, every lm-eval task is also built by lm-eval itself, offline,
+    and a table lists each one that fails. Exit 1 if any asset is missing or any task fails.
     """
     from titanenv.assets import doctor as doctorlib
 
@@ -263,6 +278,7 @@ def doctor(
         if not (exp.tokenizer or exp.model or exp.data or plan.items or plan.unsupported):
             raise spec.AssetListError("nothing to check: give an asset list, or --tokenizer, --data, --model or --task")
         findings, how = doctorlib.diagnose(exp, plan, assets, home, isolation)  # type: ignore[arg-type]
+        task_checks = _check_tasks(asset_list, exp, task_path, isolation) if check_tasks else []
     typer.echo(f"Offline mode: {how}; HF_HOME={home}")
     if verbose:
         env = dict(os.environ)
@@ -278,5 +294,38 @@ def doctor(
         f"{len(findings) - len(missing)} of {len(findings)} assets resolve offline"
         + (f"; {len(missing)} missing" if missing else "")
     )
-    if missing:
+    failed = [c for c in task_checks if not c.ok]
+    if check_tasks:
+        _print_failed_tasks(failed)
+        typer.echo(
+            f"{len(task_checks) - len(failed)} of {len(task_checks)} lm-eval tasks build offline"
+            + (f"; {len(failed)} fail" if failed else "")
+        )
+    if missing or failed:
         raise typer.Exit(1)
+
+
+def _check_tasks(
+    asset_list: spec.AssetList | None, exp: spec.Experiment, task_path: list[Path], isolation: str
+) -> list[TaskCheck]:
+    """``--check-tasks``: every lm-eval task of the asset list and ``--task``, built offline."""
+    from titanenv.assets import doctor as doctorlib
+
+    names = [*(asset_list.lm_eval.all_tasks() if asset_list else []), *exp.eval_tasks]
+    if not names:
+        raise spec.AssetListError("--check-tasks: no lm-eval tasks; name them in [lm_eval] tasks or with --task")
+    paths = [*(asset_list.lm_eval.include_path if asset_list else []), *task_path]
+    prefix, _ = doctorlib.isolation(isolation)  # type: ignore[arg-type]
+    return doctorlib.check_tasks_offline(list(dict.fromkeys(names)), list(dict.fromkeys(paths)), prefix)
+
+
+def _print_failed_tasks(failed: list[TaskCheck]) -> None:
+    if not failed:
+        return
+    table = Table("task", "reason", "fix", title="lm-eval tasks that do not build offline", title_justify="left")
+    for c in failed:
+        table.add_row(escape(c.name), escape(c.reason), escape(c.fix))
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: whole lines, so each fix stays one command
+        console = Console(width=10_000)
+    console.print(table)

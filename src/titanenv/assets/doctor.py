@@ -27,6 +27,7 @@ from typing import Literal
 
 from titanenv import offline
 from titanenv.assets import lockfile
+from titanenv.assets.lmeval import TaskCheck
 from titanenv.assets.plan import Plan, Planned, is_hub_id
 from titanenv.assets.probe import Check, Result
 from titanenv.assets.spec import Dataset, Experiment, ExtraFile, HubModel, Metric, NltkData, Tokenizer
@@ -158,3 +159,36 @@ def diagnose(
         for key, why in plan.unsupported.items()
     ]
     return findings, how
+
+
+def check_tasks_offline(
+    names: list[str],
+    include_path: list[Path],
+    prefix: list[str],
+    environ: dict[str, str] | None = None,
+    timeout: float = 3600,
+) -> list[TaskCheck]:
+    """:func:`titanenv.assets.lmeval.check_tasks` in a child process under ``prefix`` (from
+    :func:`isolation`) with the offline environment and the socket guard on.
+
+    Returns:
+        One check per leaf task; a connection attempt adds a failed check named ``(network)``.
+
+    Raises:
+        RuntimeError: a task name is unknown (the message names it), or the child crashed (the
+            message holds the end of its output).
+    """
+    env = dict(os.environ if environ is None else environ)
+    offline.apply(env)
+    with tempfile.TemporaryDirectory(prefix="titanenv-doctor-") as tmp:
+        request, result = Path(tmp, "tasks.json"), Path(tmp, "checks.json")
+        request.write_text(json.dumps({"names": names, "include_path": [str(p) for p in include_path]}))
+        cmd = [*prefix, sys.executable, "-m", "titanenv.assets.taskprobe", str(request), str(result)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if not result.is_file():
+            tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            raise RuntimeError(f"the offline task check failed: {tail[0]}\n{proc.stderr[-4000:]}")
+        rows = json.loads(result.read_text())
+        if isinstance(rows, dict):
+            raise RuntimeError(rows["error"])
+        return [TaskCheck(**c) for c in rows]

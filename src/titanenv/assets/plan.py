@@ -31,6 +31,8 @@ class Plan:
     items: dict[str, Planned] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
     """``task:NAME`` -> reason."""
+    tasks: dict[str, list[str]] = field(default_factory=dict)
+    """Each lm-eval task name asked for (``all`` too) -> its leaf tasks, in order."""
 
     def add(self, item: Item, origin: str, from_file: bool) -> None:
         planned = self.items.setdefault(item.key, Planned(item))
@@ -50,6 +52,7 @@ class Plan:
         picked = Plan(
             {k: p for k, p in self.items.items() if k in wanted or wanted & set(p.origins)},
             {k: r for k, r in self.unsupported.items() if k in wanted},
+            {k: t for k, t in self.tasks.items() if f"task:{k}" in wanted},
         )
         matched = set(picked.items) | {o for p in picked.items.values() for o in p.origins} | set(picked.unsupported)
         if missing := sorted(wanted - matched):
@@ -105,6 +108,7 @@ def _add_tasks(plan: Plan, file_tasks: list[str], added_tasks: list[str], includ
 
     expanded = lmeval.expand(list(dict.fromkeys(file_tasks + added_tasks)), include_path)
     for name, leaves in expanded.items():
+        plan.tasks[name] = [leaf.name for leaf in leaves]
         for leaf in leaves:
             if leaf.unsupported:
                 plan.unsupported[f"task:{leaf.name}"] = leaf.unsupported

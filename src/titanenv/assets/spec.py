@@ -212,7 +212,8 @@ class LmEval(_Strict):
     """lm-eval tasks, expanded by :mod:`titanenv.assets.lmeval` into datasets, metrics and nltk data."""
 
     tasks: list[str] = Field(default_factory=list)
-    """Task, group or tag names (``mmlu``, ``ai2_arc``), or paths to task YAML files."""
+    """Task, group or tag names (``mmlu``, ``ai2_arc``), paths to task YAML files, or ``"all"``:
+    every leaf task lm-eval knows (its own and the ``include_path`` ones; thousands of datasets)."""
     task_file: Path | None = None
     """A file with one task name per line (``#`` comments), as the old ``--task-file``."""
     include_path: list[Path] = Field(default_factory=list)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from titanenv import sbatch
 from titanenv.data.documents import DEFAULT_MAX_DOCUMENT_CHARS
 from titanenv.data.manifest import Manifest
+from titanenv.slurmenv import SlurmEnv
 
 log = logging.getLogger("titanenv.preprocess")
 
@@ -158,7 +159,9 @@ def preprocess(
     from titanenv.data import preprocess as pp
     from titanenv.data.pool import Stopped
 
-    shards = num_shards if num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    slurm = SlurmEnv.from_env()
+    array_tasks = slurm.array_task_count
+    shards = num_shards if num_shards is not None else (1 if array_tasks is None else array_tasks)
     if merge:
         report(pp.merge(output_prefix, shards, allow_empty=allow_empty))
         return
@@ -167,7 +170,7 @@ def preprocess(
         raise typer.BadParameter("at least one input is required", param_hint="--input")
     if tokenizer_model is None:
         raise typer.BadParameter("required unless --merge", param_hint="--tokenizer-model")
-    index = shard_index if shard_index is not None else _array_index()
+    index = shard_index if shard_index is not None else slurm.array_index
     try:
         cfg = pp.PreprocessConfig(
             inputs=[*inputs],
@@ -197,7 +200,7 @@ def preprocess(
         pp.dry_run(cfg)
         return
     if submit_merge and index == 0 and shards > 1:
-        _submit_merge(output_prefix, shards, allow_empty)
+        _submit_merge(slurm, output_prefix, shards, allow_empty)
     try:
         result = pp.run(cfg)
     except Stopped as e:
@@ -210,15 +213,11 @@ def preprocess(
     report(result)
 
 
-def _array_index() -> int:
-    if "SLURM_ARRAY_TASK_ID" not in os.environ:
-        return 0
-    return int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-
-
-def _submit_merge(prefix: Path, shards: int, allow_empty: bool = False) -> None:
+def _submit_merge(slurm: SlurmEnv, prefix: Path, shards: int, allow_empty: bool = False) -> None:
     """Submit `titanenv preprocess --merge` to run after every task of this array succeeds."""
-    job = os.environ["SLURM_ARRAY_JOB_ID"]
+    job = slurm.array_job_id
+    if job is None:
+        raise typer.BadParameter("needs a Slurm job array (SLURM_ARRAY_JOB_ID is unset)", param_hint="--submit-merge")
     root = os.environ.get("TITANENV_ROOT", str(Path.cwd()))
     cmd = shlex.join(
         [
@@ -234,23 +233,17 @@ def _submit_merge(prefix: Path, shards: int, allow_empty: bool = False) -> None:
         ]
     )
     args = [
-        "sbatch",
-        "--parsable",
-        f"--dependency=afterok:{job}",
         "--kill-on-invalid-dep=yes",
-        f"--job-name={os.environ.get('SLURM_JOB_NAME', 'titanenv')}-merge",
+        f"--job-name={slurm.job_name or 'titanenv'}-merge",
         "--nodes=1",
         "--ntasks=1",
         f"--output={prefix}.merge-%j.out",
         f"--wrap={cmd}",
+        *([f"--partition={slurm.partition}"] if slurm.partition else []),
+        *([f"--account={slurm.account}"] if slurm.account else []),
     ]
-    for var, flag in (("SLURM_JOB_PARTITION", "--partition"), ("SLURM_JOB_ACCOUNT", "--account")):
-        if os.environ.get(var):
-            args.append(f"{flag}={os.environ[var]}")
-    # The job re-enters the image through container_run.sh; it must not inherit "inside already".
-    env = {k: v for k, v in os.environ.items() if k != "_TITANENV_INSIDE"}
-    out = subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout.strip()
-    log.info("submitted merge job %s (afterok:%s): %s", out, job, cmd)
+    merge_job = sbatch.submit(args, dependency=f"afterok:{job}", what=f"the merge job of {prefix}")
+    log.info("submitted merge job %s (afterok:%s): %s", merge_job, job, cmd)
 
 
 def report(manifest: Manifest) -> None:

@@ -1,4 +1,4 @@
-"""``titanenv eval``: typer command function (validation loss of a run)."""
+"""``titanenv eval``: typer command functions (the lm-eval matrix; validation loss of a run with --data)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,24 @@ import typer
 
 from titanenv.data.indexed import bin_path, idx_path
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "generate"]
+
+TASKS_NOT_OFFLINE = 2
+"""Exit code when a task's data, metric or nltk package is not in the local caches."""
 
 
 def evaluate(
     output_dir: Annotated[
-        Path, typer.Option(help="Run folder of `titanenv train` (holds trainer_config.json and checkpoint/).")
-    ],
+        Path | None,
+        typer.Option(help="Run folder of `titanenv train` (holds trainer_config.json and checkpoint/); as --model."),
+    ] = None,
     data: Annotated[
-        Path, typer.Option(help="Validation dataset prefix (PREFIX.bin/PREFIX.idx), same tokenizer as training.")
-    ],
+        Path | None,
+        typer.Option(
+            help="Validation dataset prefix (PREFIX.bin/PREFIX.idx), same tokenizer as training: "
+            "validation-loss mode instead of the lm-eval matrix."
+        ),
+    ] = None,
     tokenizer: Annotated[
         Path | None,
         typer.Option(
@@ -29,20 +37,60 @@ def evaluate(
     max_windows: Annotated[
         int, typer.Option(help="Score at most this many windows of seq_len tokens (file order).")
     ] = 64,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Windows (--data) or lm-eval requests per forward pass.")] = 4,
     step: Annotated[int | None, typer.Option(help="Checkpoint step to load. Default: the latest complete one.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Also print a greedy continuation of this text.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate for --prompt.")] = 32,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Run folder of `titanenv train` (exported on the fly), exported folder (RUN/export/step-N) "
+            "or local Hugging Face folder (config.json); repeatable."
+        ),
+    ] = None,
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="lm-eval tasks: T1,T2 | all (every task lm-eval knows) | @FILE (one name a line). "
+            "Default: the bundled local tasks."
+        ),
+    ] = "titanenv_wikitext2,titanenv_next_sentence",
+    num_fewshot: Annotated[str, typer.Option(help="Few-shot counts, e.g. 0,5.")] = "0",
+    limit: Annotated[float | None, typer.Option(help="At most N documents per task (< 1: a fraction).")] = None,
+    include_path: Annotated[
+        list[Path] | None, typer.Option(help="Folder of custom task YAMLs (after the bundled ones); repeatable.")
+    ] = None,
+    steps: Annotated[
+        str | None, typer.Option(help="Checkpoint steps of run folders, e.g. 10,20, or all (a series; plotted).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda (lm-eval matrix).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (matrix and exports).")] = "float32",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder of the lm-eval matrix. Default: RUN/eval for one run, else ./eval_results."),
+    ] = None,
 ) -> None:
-    """Validation loss and perplexity of a trained checkpoint (CPU, single process).
+    """The lm-eval matrix (models x tasks x few-shot counts), offline; with --data, validation loss.
 
-    Rebuilds the model from the run's recipe, loads the latest complete DCP checkpoint,
-    scores the validation windows, prints loss (nats/token) and perplexity, and writes
-    them to OUTPUT_DIR/eval.json (atomically).
+    Matrix: checks that every task builds from the local caches before loading any model (a
+    missing one exits 2 with its `titanenv assets fetch` line), loads each model once and writes
+    the lm-eval JSON of each cell, results.csv, results.md and plots to --out.
+
+    With --data: rebuilds the run's model from its recipe, loads the latest complete DCP
+    checkpoint, scores the validation windows, prints loss (nats/token) and perplexity, and
+    writes them to OUTPUT_DIR/eval.json (atomically).
     """
     from titanenv import eval as ev
     from titanenv.data import tokenizer as toklib
 
+    if data is None:
+        models = [*([output_dir] if output_dir else []), *(model or [])]
+        _matrix(models, tasks, num_fewshot, limit, include_path or [], step, steps, batch_size, device, dtype, out)
+        return
+    if output_dir is None:
+        if not model or len(model) != 1:
+            raise typer.BadParameter("--data scores one run folder: pass one --model (or --output-dir)")
+        output_dir = model[0]
     for p in (bin_path(data), idx_path(data)):
         if not p.is_file():
             raise typer.BadParameter(
@@ -66,3 +114,105 @@ def evaluate(
     if prompt is not None:
         text = ev.generate(loaded[0], tokenizer, prompt, max_new_tokens=max_new_tokens, context=run.seq_len)
         typer.echo(f"{prompt}{text}")
+
+
+def _matrix(
+    models: list[Path],
+    tasks: str,
+    num_fewshot: str,
+    limit: float | None,
+    include_path: list[Path],
+    step: int | None,
+    steps: str | None,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    out: Path | None,
+) -> None:
+    """``titanenv eval`` without --data: parse, run :func:`titanenv.eval.matrix.run_matrix`, print."""
+    from rich.console import Console
+
+    from titanenv.assets.spec import AssetListError
+    from titanenv.eval import matrix, report
+
+    console, err = Console(), Console(stderr=True)
+    try:
+        config = matrix.MatrixConfig(
+            models=models, tasks=matrix.parse_tasks(tasks), num_fewshot=matrix.parse_ints(num_fewshot, "--num-fewshot"),
+            limit=limit, include_path=include_path, step=step, steps=matrix.parse_steps(steps) if steps else None,
+            batch_size=batch_size, device=device, dtype=dtype, out=out,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        results = matrix.run_matrix(config, progress=lambda line: err.print(f"[dim]eval:[/dim] {line}"))
+    except matrix.TasksNotOffline as e:
+        for c in e.checks:
+            typer.echo(f"{typer.style(c.name, fg='red')}: not available offline: {c.reason}", err=True)
+            typer.echo(f"  fetch it on a login node: {c.fix}", err=True)
+        raise typer.Exit(TASKS_NOT_OFFLINE) from None
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
+    except AssetListError as e:
+        raise typer.BadParameter(str(e), param_hint="--tasks") from None
+    console.print(report.rich_table(results.rows))
+    for note in results.notes:
+        console.print(f"note: {note}", highlight=False)
+    reused = sum(c.reused for c in results.cells)
+    console.print(
+        f"{len(results.cells)} cells ({reused} reused) in {results.seconds:.1f} s; "
+        f"results: {results.csv}, {results.markdown}; plots: {', '.join(map(str, results.plots)) or 'none'}; "
+        f"lm-eval JSON per cell under {results.out / matrix.CELLS_DIR}",
+        highlight=False,
+    )
+
+
+def generate(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Run folder of `titanenv train` (trainer_config.json, checkpoint/step-N/) "
+            "or an exported / Hugging Face folder (config.json, weights, tokenizer files)."
+        ),
+    ],
+    prompt: Annotated[
+        list[str],
+        typer.Option(
+            help="Text to continue; repeatable. @FILE: one prompt per non-empty line "
+            '(FILE.jsonl: the "prompt" field of each JSON line). @@TEXT: the literal @TEXT.'
+        ),
+    ],
+    max_new_tokens: Annotated[int, typer.Option(help="Upper bound on generated tokens per prompt.")] = 32,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0); 0 is greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the most likely tokens of this mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler (each prompt starts from it).")] = 0,
+    greedy: Annotated[bool, typer.Option(help="Argmax decoding (ignores --temperature, --top-p, --seed).")] = False,
+    step: Annotated[
+        int | None, typer.Option(help="Checkpoint step of a run folder. Default: the latest complete one.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Continue prompts with a run's model or an exported / Hugging Face model, offline.
+
+    Prints each prompt followed by its continuation, one block per prompt. The same seed gives
+    the same text; a run and its export give the same text too (one sampler for both).
+    """
+    from titanenv import eval as ev
+
+    try:
+        prompts = ev.read_prompts(prompt)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--prompt") from None
+    try:
+        texts = ev.generate_text(
+            model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            greedy=greedy, step=step, device=device,
+        )  # fmt: skip
+    except ev.ModelNotFound as e:
+        raise typer.BadParameter(str(e), param_hint="MODEL") from None
+    except ValueError as e:  # a sampler setting, --step with a Hugging Face folder, --device, an empty prompt
+        raise typer.BadParameter(str(e)) from None
+    for i, (text, continuation) in enumerate(zip(prompts, texts, strict=True)):
+        if i:
+            typer.echo("")
+        typer.echo(typer.style(text, bold=True) + continuation)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from titanenv.config import MACHINES
-from titanenv.slurm.render import CHECKED_IN, JobSpec, PreprocessSpec, render
+from titanenv.slurm.render import CHECKED_IN, EvalSpec, JobSpec, PreprocessSpec, render
 
 app = typer.Typer(help="Slurm job scripts for training and tokenizing.", no_args_is_help=True, add_completion=False)
 
@@ -18,6 +18,7 @@ class Job(str, Enum):
     train = "train"
     preprocess = "preprocess"
     preprocess_parallel = "preprocess-parallel"
+    eval = "eval"
 
 
 _CHECKED_IN = {spec.job: spec for spec in CHECKED_IN}  # the default machine of each job: its jsc/ file's
@@ -31,10 +32,12 @@ def _group() -> None:
 @app.command("render")
 def render_cmd(
     job: Annotated[
-        Job, typer.Option(help="train, preprocess (one node) or preprocess-parallel (job array).")
+        Job,
+        typer.Option(help="train, preprocess (one node), preprocess-parallel (job array) or eval (one GPU, lm-eval)."),
     ] = Job.train,
     machine: Annotated[
-        str | None, typer.Option(help=f"Machine profile: {', '.join(MACHINES)}; default: jwb for train, else jwc.")
+        str | None,
+        typer.Option(help=f"Machine profile: {', '.join(MACHINES)}; default: jwb for train and eval, else jwc."),
     ] = None,
     account: Annotated[str, typer.Option(help="Slurm account in the #SBATCH line.")] = "CHANGE_ME",
     nodes: Annotated[int, typer.Option(help="Nodes (train).")] = 2,
@@ -42,13 +45,15 @@ def render_cmd(
     shards: Annotated[int, typer.Option(help="Array tasks (preprocess-parallel).")] = 4,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
 ) -> None:
-    """Print the sbatch script of JOB for MACHINE; the files in jsc/ are `--machine jwb` (train) and `--machine jwc`."""
+    """Print the sbatch script of JOB for MACHINE; the files in jsc/ are `--machine jwb` (train, eval), else `jwc`."""
     machine = machine or _CHECKED_IN[job.value].machine
     try:
         if job is Job.train:
-            spec: JobSpec | PreprocessSpec = JobSpec(
+            spec: JobSpec | PreprocessSpec | EvalSpec = JobSpec(
                 machine=machine, account=account, nodes=nodes, time=time or "02:00:00"
             )
+        elif job is Job.eval:
+            spec = EvalSpec(machine=machine, account=account, time=time or "02:00:00")
         else:
             spec = PreprocessSpec(
                 machine=machine, parallel=job is Job.preprocess_parallel, account=account, time=time, shards=shards

@@ -1,16 +1,18 @@
 """The sbatch scripts: Jinja2 templates plus site data, rendered (never built as f-strings).
 
-The templates, ``templates/train.sbatch.j2`` and ``templates/preprocess.sbatch.j2`` (one
-node, or a job array with ``parallel``), use ``@{ }@`` and ``@% %@`` as delimiters because
-bash owns ``{{``, ``{#`` and ``${...}``. Site facts (partitions, GPUs and CPU cores per
-node) come from the machine profile (:data:`titanenv.config.MACHINES`), exit codes from
-:mod:`titanenv.train.exitcodes`; job choices (nodes, time, account, requeue limit) from
-:class:`JobSpec` (training) and :class:`PreprocessSpec` (tokenizing). The files in ``jsc/``
-are the renderings of :data:`CHECKED_IN`, checked in (tests keep them in sync):
+The templates, ``templates/train.sbatch.j2``, ``templates/preprocess.sbatch.j2`` (one
+node, or a job array with ``parallel``) and ``templates/eval.sbatch.j2`` (one GPU), use
+``@{ }@`` and ``@% %@`` as delimiters because bash owns ``{{``, ``{#`` and ``${...}``. Site
+facts (partitions, GPUs and CPU cores per node) come from the machine profile
+(:data:`titanenv.config.MACHINES`), exit codes from :mod:`titanenv.train.exitcodes`; job choices
+(nodes, time, account, requeue limit) from :class:`JobSpec` (training), :class:`PreprocessSpec`
+(tokenizing) and :class:`EvalSpec` (the lm-eval matrix). The files in ``jsc/`` are the renderings
+of :data:`CHECKED_IN`, checked in (tests keep them in sync):
 
     python -m titanenv.slurm render --machine jwb > jsc/run_training_jwb.sbatch
     python -m titanenv.slurm render --job preprocess --machine jwc > jsc/preprocess_data_jwc.sbatch
     python -m titanenv.slurm render --job preprocess-parallel --machine jwc > jsc/preprocess_data_parallel_jwc.sbatch
+    python -m titanenv.slurm render --job eval --machine jwb > jsc/run_eval_jwb.sbatch
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from titanenv.train import exitcodes
 
 __all__ = [
     "CHECKED_IN",
+    "EVAL_TEMPLATE",
     "PREPROCESS_TEMPLATE",
     "SRUN_OPTIONS",
     "TEMPLATE",
+    "EvalSpec",
     "JobSpec",
     "PreprocessSpec",
     "job_files",
@@ -36,6 +40,7 @@ __all__ = [
 
 TEMPLATE = Path(__file__).with_name("templates") / "train.sbatch.j2"
 PREPROCESS_TEMPLATE = TEMPLATE.with_name("preprocess.sbatch.j2")
+EVAL_TEMPLATE = TEMPLATE.with_name("eval.sbatch.j2")
 SRUN_OPTIONS = ("--ntasks-per-node=1", "--cpu-bind=none")
 """One ``titanenv train`` per node, free to use all its cores. Not ``--kill-on-bad-exit``: the nodes of a
 stopped run exit with 75 a moment apart, and the first one must not kill the others' exit status."""
@@ -181,7 +186,69 @@ class PreprocessSpec:
         )
 
 
-CHECKED_IN = (JobSpec(machine="jwb"), PreprocessSpec(machine="jwc"), PreprocessSpec(machine="jwc", parallel=True))
+@dataclass(frozen=True, kw_only=True)
+class EvalSpec:
+    """The #SBATCH choices of an evaluation job (``titanenv eval``, the lm-eval matrix, on one GPU).
+
+    Attributes:
+        machine: machine profile name.
+        account: Slurm account (budget); ``CHANGE_ME`` in the checked-in script.
+        partition: default: the profile's GPU partition.
+        gpus: ``--gres=gpu:N``; default 1 where the profile has GPUs, else 0 (and ``--device cpu``).
+        cpus_per_task: cores of the one task; default: the profile's cores per node.
+        time: wall-clock limit.
+        job_name: ``--job-name``.
+        output: the batch log.
+
+    Raises:
+        ValueError: a value Slurm would reject; the message names the field.
+    """
+
+    machine: str
+    account: str = "CHANGE_ME"
+    partition: str = ""
+    gpus: int | None = None
+    cpus_per_task: int | None = None
+    time: str = "02:00:00"
+    job_name: str = "titanenv-eval"
+    output: str = "logs/%x-%j.out"
+
+    def __post_init__(self) -> None:
+        _check(self.machine, self.account, self.time)
+        if self.gpus is not None and self.gpus < 0:
+            raise ValueError(f"gpus must be >= 0, got {self.gpus}")
+
+    @property
+    def job(self) -> str:
+        """The ``titanenv slurm render --job`` name."""
+        return "eval"
+
+    @property
+    def profile(self) -> Machine:
+        return MACHINES[self.machine]
+
+    @property
+    def filename(self) -> str:
+        """Its name in ``jsc/``."""
+        return f"run_eval_{self.machine}.sbatch"
+
+    def resolved(self) -> EvalSpec:
+        """This spec with the profile's GPU partition, one GPU (if it has any) and its cores filled in."""
+        m = self.profile
+        return replace(
+            self,
+            partition=self.partition or m.gpu_partition,
+            gpus=min(1, m.gpus_per_node) if self.gpus is None else self.gpus,
+            cpus_per_task=(m.cpus_per_node or 1) if self.cpus_per_task is None else self.cpus_per_task,
+        )
+
+
+CHECKED_IN = (
+    JobSpec(machine="jwb"),
+    PreprocessSpec(machine="jwc"),
+    PreprocessSpec(machine="jwc", parallel=True),
+    EvalSpec(machine="jwb"),
+)
 """The specs whose renderings are the files in ``jsc/`` (named by their ``filename``)."""
 
 
@@ -198,10 +265,12 @@ def job_files(checkpoint_dir: Path, job_id: str, restart: int = 0) -> dict[str, 
     }
 
 
-def render(spec: JobSpec | PreprocessSpec) -> str:
-    """The sbatch script text for ``spec``: training (:class:`JobSpec`) or tokenizing (:class:`PreprocessSpec`)."""
+def render(spec: JobSpec | PreprocessSpec | EvalSpec) -> str:
+    """The sbatch script text for ``spec``: training (:class:`JobSpec`), tokenizing (:class:`PreprocessSpec`)
+    or evaluation (:class:`EvalSpec`)."""
     spec = spec.resolved()
-    path = PREPROCESS_TEMPLATE if isinstance(spec, PreprocessSpec) else TEMPLATE
+    templates = {PreprocessSpec: PREPROCESS_TEMPLATE, EvalSpec: EVAL_TEMPLATE}
+    path = templates.get(type(spec), TEMPLATE)
     template = environment(path.parent).get_template(path.name)
     return template.render(
         spec=spec,

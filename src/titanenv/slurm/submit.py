@@ -9,16 +9,14 @@ run prints all of it and asks ``sbatch --test-only`` whether the request is vali
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
-import subprocess
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from titanenv import config as configlib
+from titanenv import sbatch as sbatchlib
 from titanenv.slurm.render import SRUN_OPTIONS, JobSpec, job_files, render
 from titanenv.train.job import TrainArgs, node_run
 
@@ -108,11 +106,9 @@ def dry_run_text(sub: Submission) -> str:
     ])  # fmt: skip
 
 
-def _sbatch_env(sub: Submission, env: Mapping[str, str]) -> dict[str, str]:
-    # sbatch exports this environment to the job; a submit from inside the image must not tell
-    # the job's container_run.sh that it is inside already, or the job would skip the image.
-    job_env = {k: v for k, v in env.items() if k != "_TITANENV_INSIDE"}
-    return {**job_env, "TITANENV_ROOT": str(sub.root)}
+def _sbatch_env(sub: Submission, env: Mapping[str, str] | None) -> dict[str, str]:
+    # sbatch exports this environment to the job (sbatchlib drops _TITANENV_INSIDE from it).
+    return {**sbatchlib.job_env(env), "TITANENV_ROOT": str(sub.root)}
 
 
 def test_only(sub: Submission, sbatch: str, env: Mapping[str, str] | None = None) -> tuple[int, str]:
@@ -120,30 +116,23 @@ def test_only(sub: Submission, sbatch: str, env: Mapping[str, str] | None = None
     with tempfile.TemporaryDirectory(prefix="titanenv-submit-") as tmp:
         script = Path(tmp, "train.sbatch")
         script.write_text(sub.script)
-        proc = subprocess.run(
-            [sbatch, "--test-only", str(script), *sub.job_args],
-            cwd=sub.root, env=_sbatch_env(sub, env or os.environ), capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-    return proc.returncode, (proc.stdout + proc.stderr).strip()
+        return sbatchlib.test_only([str(script), *sub.job_args], sbatch=sbatch, cwd=sub.root,
+                                   env=_sbatch_env(sub, env))  # fmt: skip
 
 
 def submit(sub: Submission, sbatch: str | None = None, env: Mapping[str, str] | None = None) -> str:
-    """Write ``OUTPUT/train.sbatch`` and submit it from the repository root; returns the job id.
+    """Write ``OUTPUT/train.sbatch`` and submit it from the repository root (:func:`titanenv.sbatch.submit`).
+
+    Returns:
+        The job id.
 
     Raises:
         FileNotFoundError: no ``sbatch`` here (submit from a login node).
         RuntimeError: sbatch refused the job; the message is sbatch's.
     """
-    sbatch = sbatch or shutil.which("sbatch")
-    if sbatch is None:
-        raise FileNotFoundError("sbatch: not found; submit from a login node of the cluster")
+    sbatch = sbatchlib.find(sbatch)
     sub.script_path.parent.mkdir(parents=True, exist_ok=True)
     sub.script_path.write_text(sub.script)
     (sub.root / Path(sub.spec.output).parent).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [sbatch, "--parsable", str(sub.script_path), *sub.job_args],
-        cwd=sub.root, env=_sbatch_env(sub, env or os.environ), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"sbatch refused {sub.script_path}: {proc.stderr.strip()}")
-    return proc.stdout.strip().split(";")[0]
+    return sbatchlib.submit([str(sub.script_path), *sub.job_args], sbatch=sbatch, cwd=sub.root,
+                            env=_sbatch_env(sub, env), what=str(sub.script_path))  # fmt: skip

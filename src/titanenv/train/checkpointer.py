@@ -27,7 +27,6 @@ DCP format and folder layout included, is TorchTitan's):
 
 from __future__ import annotations
 
-import os
 import shutil
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import torch.distributed as dist
 from torchtitan.components.checkpoint import TRAIN_STATE, AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
+from titanenv.slurmenv import SlurmEnv, node_name
 from titanenv.train import checkpoints
 
 __all__ = ["MarkedCheckpointManager"]
@@ -62,10 +62,11 @@ class MarkedCheckpointManager(CheckpointManager):  # type: ignore[misc]  # torch
     never purged (see :func:`titanenv.train.checkpoints.purgeable`)."""
 
     def _marker_info(self) -> dict[str, object]:
+        slurm = SlurmEnv.from_env()
         return {
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "job": os.environ.get("SLURM_JOB_ID", ""),
-            "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+            "job": slurm.job_id or "",
+            "restart": str(slurm.restart_count or 0),
         }
 
     def _mark(self, step: int) -> None:
@@ -154,7 +155,7 @@ class MarkedCheckpointManager(CheckpointManager):  # type: ignore[misc]  # torch
             dist.broadcast_object_list(box, src=0)
             if box[0] != step:
                 logger.error(
-                    f"rank {dist.get_rank()} on {os.uname().nodename} sees step {step} as the newest complete "
+                    f"rank {dist.get_rank()} on {node_name()} sees step {step} as the newest complete "
                     f"checkpoint in {folder} but rank 0 sees {box[0]}: is the folder on a shared filesystem? "
                     "Using rank 0's choice."
                 )

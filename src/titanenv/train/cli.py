@@ -119,6 +119,26 @@ def _train(args: TrainArgs, opts: SubmitArgs) -> None:
     rc = runner.run_node(node)
     if rc != 0:
         raise typer.Exit(code=rc)
+    if args.export_at_end and node.node_index == 0:
+        _export_at_end(node)
+
+
+def _export_at_end(node: job.NodeRun) -> None:
+    """--export-at-end: the Hugging Face export of the final checkpoint, when training reached its last step."""
+    from titanenv import export
+    from titanenv.train import control
+
+    status = control.read_status(node.run.status)
+    if not status or status.get("state") != "completed":
+        typer.echo(f"--export-at-end: training did not complete ({status}); no export", err=True)
+        return
+    try:
+        out = export.cached_export(node.run.root)
+    except (ValueError, OSError) as e:  # ExportRefused is a ValueError
+        typer.echo(f"--export-at-end: training completed, but the export failed: {e}\n"
+                   f"  retry with: titanenv export {shlex.quote(str(node.run.root))}", err=True)  # fmt: skip
+        raise typer.Exit(code=1) from None
+    typer.echo(f"--export-at-end: exported the final checkpoint to {out}")
 
 
 def make_train(args: type[TrainArgs] = TrainArgs, opts: type[SubmitArgs] = SubmitArgs) -> Callable[..., None]:

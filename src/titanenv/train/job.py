@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from titanenv import config as configlib
+from titanenv.slurmenv import SlurmEnv, node_name
 from titanenv.train import launch, settings
 from titanenv.train.launch import LaunchPlan
-from titanenv.train.rundir import RunDir, attempt_id, node_name
+from titanenv.train.rundir import RunDir, attempt_id
 from titanenv.train.settings import TrainArgs
 
 __all__ = ["NodeRun", "TrainArgs", "build_train_command", "node_run", "plan", "titan_overrides"]
@@ -161,14 +162,16 @@ def node_run(
     launch_plan = plan(args, env, cuda_devices=cuda_devices, rdzv_host=machine.rdzv_host)  # once: command and preflight
     overrides = [*titan_overrides(args, tokenizer_dir), *control, *args.extra]  # the user's flags last: they win
     cmd = launch.torchrun_command(launch_plan, args.recipe, overrides, log_dir=run.logs(node), torchrun=torchrun)
-    gpus = int(env.get("SLURM_GPUS_ON_NODE") or machine.gpus_per_node) if machine.gpus_per_node else 0
+    slurm = SlurmEnv.from_env(env)
+    on_node = slurm.gpus_on_node
+    gpus = (machine.gpus_per_node if on_node is None else on_node) if machine.gpus_per_node else 0
     return NodeRun(
         command=cmd,
         env=launch.worker_env(launch_plan, env, site=launch.site_env(machine)),
         plan=launch_plan,
         run=run,
         node=node,
-        node_index=int(env.get("SLURM_NODEID") or 0),
+        node_index=slurm.node_id or 0,
         stop_file=stop_file,
         args=args,
         tokenizer=tokenizer_dir,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from titanenv.config import Machine
+from titanenv.slurmenv import SlurmEnv
 
 __all__ = [
     "LaunchPlan",
@@ -141,14 +142,6 @@ class LaunchPlan:
     nodes: tuple[str, ...] = ()
 
 
-def _first(env: Mapping[str, str], *names: str) -> str | None:
-    for name in names:
-        value = env.get(name)
-        if value:
-            return value
-    return None
-
-
 def plan_launch(
     env: Mapping[str, str],
     *,
@@ -160,10 +153,9 @@ def plan_launch(
 ) -> LaunchPlan:
     """Decide nodes, processes per node and rendezvous from the environment.
 
-    Inside Slurm (``SLURM_JOB_ID`` set): node count from ``SLURM_STEP_NUM_NODES``,
-    ``SLURM_JOB_NUM_NODES`` or ``SLURM_NNODES``; node names from
-    ``SLURM_STEP_NODELIST``, ``SLURM_JOB_NODELIST`` or ``SLURM_NODELIST`` (step values
-    first: inside ``srun`` they describe the nodes actually running torchrun);
+    Inside Slurm (``SLURM_JOB_ID`` set): node count and node names from
+    :class:`~titanenv.slurmenv.SlurmEnv` (step values first: inside ``srun`` they describe
+    the nodes actually running torchrun);
     rendezvous at ``rdzv_host(first node, rdzv_host_template):rdzv_port(job id)``, or on
     loopback for a single node.
     Outside Slurm: one node, ``--standalone`` rendezvous on localhost.
@@ -184,18 +176,18 @@ def plan_launch(
     nproc = nproc_per_node or (cuda_devices if device == "cuda" else cpu_procs)
     if nproc < 1:
         raise ValueError(f"processes per node must be >= 1, got {nproc}")
-    job_id = env.get("SLURM_JOB_ID")
+    slurm = SlurmEnv.from_env(env)
+    job_id = slurm.job_id
     if not job_id:
         return LaunchPlan(nnodes=1, nproc_per_node=nproc, rdzv_endpoint=None, rdzv_id="local", device=device)
-    nodelist = _first(env, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    nodelist = slurm.nodelist
     nodes = tuple(expand_hostlist(nodelist)) if nodelist else ()
-    count = _first(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
-    nnodes = int(count) if count else max(1, len(nodes))
+    nnodes = slurm.num_nodes if slurm.num_nodes is not None else max(1, len(nodes))
     if nodes and len(nodes) != nnodes:
         raise ValueError(f"Slurm says {nnodes} nodes but the node list {nodelist!r} has {len(nodes)}")
     if nnodes < 1:
         raise ValueError(f"Slurm node count must be >= 1, got {nnodes}")
-    first = nodes[0] if nodes else env.get("SLURMD_NODENAME", "127.0.0.1")
+    first = nodes[0] if nodes else (slurm.nodename or "127.0.0.1")
     # One node needs no network name: loopback always works.
     host = "127.0.0.1" if nnodes == 1 else rdzv_host(first, rdzv_host_template)
     return LaunchPlan(

@@ -21,11 +21,14 @@
                  a standalone run) within a second, so a loopback that is down fails here and
                  not after minutes of torchrun retries. On several nodes the first node binds
                  the rendezvous ``host:port`` (the name resolves to one of its own addresses
-                 and the port is free) and connects to it itself; every other node connects
-                 to it and sends its findings. This is also a barrier: the first node waits for every
-                 node (naming the missing ones), checks it can see each node's probe file
-                 (the run folder is *shared*) and that all nodes see the same checkpoints,
-                 then answers every node with one verdict, so all nodes fail or start together.
+                 and the port is free), connects to it itself and serves a
+                 :class:`torch.distributed.TCPStore` on it; every other node connects to it
+                 and sets its findings under its node index. This is also a barrier: the first
+                 node waits for every node (naming the missing ones), checks it can see each
+                 node's probe file (the run folder is *shared*) and that all nodes see the same
+                 checkpoints, then sets one verdict every node waits for, so all nodes fail or
+                 start together. The store is closed before torchrun starts, whose c10d
+                 rendezvous serves the same port next.
 
 The last check, a small all-reduce across all ranks within a timeout (NCCL on GPU, gloo on
 CPU), needs the process group, so it runs inside the training processes right after
@@ -439,7 +442,7 @@ def _probe(sock: socket.socket, node: str, host: str, *, accept: bool) -> Findin
     """Connect to the listening ``sock`` within :data:`PROBE_TIMEOUT_S`; None when that works.
 
     ``accept``: also take the connection off the queue (a single node; the first node of
-    several leaves it to the handshake, which drops a client that sends nothing).
+    several leaves it to its store's server, which drops a client that sends nothing).
     """
     port = sock.getsockname()[1]
     try:
@@ -476,14 +479,14 @@ def check_loopback(node: str, host: str = "localhost", port: int = 0) -> Finding
     return failed or Finding(node, "rendezvous", True, f"{host}:{port} bound and reachable on {node}")
 
 
-def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
-    conn.sendall((json.dumps(obj) + "\n").encode())
+def _key(*parts: object) -> str:
+    """A key of the preflight store: ``titanenv-preflight-1/report/INDEX``, ``.../verdict``, ``.../taken/INDEX``."""
+    return "/".join([PROTOCOL, *map(str, parts)])
 
 
-def _recv(conn: socket.socket) -> dict[str, Any] | None:
-    line = conn.makefile("rb").readline()
+def _message(raw: bytes) -> dict[str, Any] | None:
     try:
-        obj = json.loads(line)
+        obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return obj if isinstance(obj, dict) and obj.get("protocol") == PROTOCOL else None
@@ -493,57 +496,68 @@ def _finding(obj: dict[str, Any]) -> Finding:
     return Finding(**{k: obj[k] for k in ("node", "check", "ok", "detail", "fix")})
 
 
+def _failed(findings: list[Finding]) -> Report:
+    return Report(False, findings, [f.line() for f in findings if not f.ok])
+
+
+VERDICT_TAKEN_TIMEOUT_S = 5.0
+"""Seconds the first node keeps the store open for the other nodes to read the verdict."""
+
+
+def _reports(store: dist.TCPStore, cfg: PreflightConfig, deadline: float) -> dict[int, dict[str, Any]]:
+    """Wait until every other node has set its report key, or the deadline; the reports that came, by node index."""
+    keys = {i: _key("report", i) for i in range(1, cfg.nnodes)}
+    if (left := deadline - time.monotonic()) > 0:
+        try:
+            store.wait(list(keys.values()), timedelta(seconds=left))
+        except dist.DistError:
+            pass  # the deadline: _verify names the missing nodes
+    found = {i: _message(store.get(key)) for i, key in keys.items() if store.check([key])}
+    return {i: report for i, report in found.items() if report is not None}
+
+
 def serve(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Report:
-    """First node: collect every other node's findings, verify them, answer one verdict to all."""
+    """First node: collect every other node's findings, verify them, answer one verdict to all.
+
+    The transport is a :class:`torch.distributed.TCPStore` served on the bound rendezvous
+    address: each node sets its report under its node index and waits for the verdict key.
+    The store is closed before this returns, so torchrun's c10d rendezvous can take the port.
+    """
     host, port = _split_endpoint(cfg.rdzv_endpoint or "")
     sock, bound = _bind(cfg.node, host, port)
     findings = [*own, bound]
     if sock is None:
-        return Report(False, findings, [f.line() for f in findings if not f.ok])
+        return _failed(findings)
     deadline = time.monotonic() + cfg.timeout_s
-    peers: list[tuple[socket.socket, dict[str, Any]]] = []
+    sock.listen(max(cfg.nnodes, 8))
+    if (unreachable := _probe(sock, cfg.node, host, accept=False)) is not None:
+        sock.close()  # the store's own client could not connect either; the other nodes time out naming the address
+        return _failed([*findings, unreachable])
     try:
-        sock.listen(max(cfg.nnodes, 8))
-        if (unreachable := _probe(sock, cfg.node, host, accept=False)) is not None:
-            findings.append(unreachable)  # torchrun on this node connects here too; the others still get the verdict
-        while len(peers) < cfg.nnodes - 1 and (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                break
-            conn.settimeout(min(5.0, max(0.5, deadline - time.monotonic())))  # nodes send at once; a stranger may not
-            try:
-                report = _recv(conn)
-            except OSError:
-                report = None
-            if report is None:
-                conn.close()  # not a preflight client (a port scanner, a stray torchrun)
-                continue
-            peers.append((conn, report))
-        findings += _verify(cfg, peers, own_steps)
+        store = dist.TCPStore(host, port, None, True, timedelta(seconds=cfg.timeout_s + VERDICT_TAKEN_TIMEOUT_S),
+                              wait_for_workers=False, master_listen_fd=sock.detach())  # fmt: skip
+    except RuntimeError as e:  # the store owns the socket now and has closed it
+        failed = Finding(cfg.node, "rendezvous", False, f"cannot serve the preflight store on {host}:{port}: {e}",
+                         "pass another --rdzv-port; the first node's lines in the job log say more")  # fmt: skip
+        return _failed([*findings, failed])
+    try:
+        peers = _reports(store, cfg, deadline)
+        findings += _verify(cfg, list(peers.values()), own_steps)
         ok = all(f.ok for f in findings)
         lines = [f.line() for f in findings if not f.ok]
-        for conn, _ in peers:
-            try:
-                _send(conn, {"protocol": PROTOCOL, "ok": ok, "lines": lines})
-                conn.shutdown(socket.SHUT_WR)
-                conn.settimeout(5)
-                conn.recv(1)  # the client closes first, so no TIME_WAIT lingers on the rendezvous port
-            except OSError:
-                pass
-            finally:
-                conn.close()
+        store.set(_key("verdict"), json.dumps({"protocol": PROTOCOL, "ok": ok, "lines": lines}))
+        try:
+            store.wait([_key("taken", i) for i in peers], timedelta(seconds=VERDICT_TAKEN_TIMEOUT_S))
+        except dist.DistError:
+            pass  # a node that did not take its verdict times out on its own
     finally:
-        sock.close()
+        del store  # stops the server: the port is free for torchrun
     return Report(ok, findings, lines)
 
 
-def _verify(
-    cfg: PreflightConfig, peers: list[tuple[socket.socket, dict[str, Any]]], own_steps: list[int]
-) -> list[Finding]:
+def _verify(cfg: PreflightConfig, peers: list[dict[str, Any]], own_steps: list[int]) -> list[Finding]:
     out: list[Finding] = []
-    arrived = {report["node"] for _, report in peers}
+    arrived = {report["node"] for report in peers}
     if len(peers) < cfg.nnodes - 1:
         missing = [n for n in cfg.nodes if n not in arrived and n != cfg.node] or [
             f"{cfg.nnodes - 1 - len(peers)} node(s)"
@@ -552,7 +566,7 @@ def _verify(
                            f"{', '.join(missing)} did not report to {cfg.rdzv_endpoint} within {cfg.timeout_s:.0f} s",
                            "see those nodes' lines in the job log; a node that cannot reach the first node "
                            "names the address it tried"))  # fmt: skip
-    for _, report in peers:
+    for report in peers:
         node = report["node"]
         out += [_finding(f) for f in report.get("findings", [])]
         probe = cfg.run.preflight / f"{node}.txt"
@@ -586,8 +600,36 @@ def _verify(
     return out
 
 
+def _exchange(
+    host: str, port: int, index: int, message: dict[str, Any], timeout_s: float
+) -> tuple[dict[str, Any] | None, str]:
+    """Set this node's report in the first node's store and take the verdict: ``(verdict, error)``.
+
+    The store client runs in a daemon thread bounded by ``timeout_s``: a client of a port that
+    another program holds waits for an answer that never comes. The verdict is None when none
+    came; the error says why.
+    """
+    answers: list[tuple[dict[str, Any] | None, str]] = []
+
+    def talk() -> None:
+        try:
+            store = dist.TCPStore(host, port, None, False, timedelta(seconds=timeout_s))
+            store.set(_key("report", index), json.dumps(message))
+            store.wait([_key("verdict")], timedelta(seconds=timeout_s))
+            verdict = _message(store.get(_key("verdict")))
+            store.set(_key("taken", index), "1")
+            answers.append((verdict, "" if verdict else "not a preflight verdict"))
+        except Exception as e:  # noqa: BLE001 (closed, timed out, not a store: all mean no answer)
+            answers.append((None, f"{type(e).__name__}: {e}"))
+
+    thread = threading.Thread(target=talk, name="preflight-join", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return answers[0] if answers else (None, f"no answer within {timeout_s:.0f} s")
+
+
 def join(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Report:
-    """Any other node: send the findings to the first node and wait for the verdict."""
+    """Any other node: send the findings to the first node's store and wait for the verdict."""
     host, port = _split_endpoint(cfg.rdzv_endpoint or "")
     fix = (
         "the first node must be reachable from every node at the rendezvous address: check --rdzv-host/--rdzv-port "
@@ -595,14 +637,15 @@ def join(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Repo
     )
     deadline = time.monotonic() + cfg.timeout_s
     last: Exception | None = None
-    conn = None
-    while conn is None and (left := deadline - time.monotonic()) > 0:
+    reached = False
+    while not reached and (left := deadline - time.monotonic()) > 0:
         try:
-            conn = socket.create_connection((host, port), timeout=min(5.0, left))
+            socket.create_connection((host, port), timeout=min(5.0, left)).close()
+            reached = True
         except OSError as e:  # refused while the first node is still starting; unreachable; unresolvable
             last = e
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-    if conn is None:
+    if not reached:
         f = Finding(
             cfg.node,
             "rendezvous",
@@ -610,34 +653,30 @@ def join(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Repo
             f"cannot reach the rendezvous {host}:{port} within {cfg.timeout_s:.0f} s (last error: {last})",
             fix,
         )
-        return Report(False, [*own, f], [x.line() for x in [*own, f] if not x.ok])
-    with conn:
-        message = {
-            "protocol": PROTOCOL,
-            "node": cfg.node,
-            "findings": [asdict(f) for f in own],
-            "checkpoints": own_steps,
-        }
-        # The verdict comes when the last node reported, at the latest at the first node's deadline
-        # (its clock started a bit later or earlier).
-        conn.settimeout(max(1.0, deadline - time.monotonic()) + 1 + 0.25 * cfg.timeout_s)
-        try:
-            _send(conn, message)
-            verdict = _recv(conn)
-        except OSError as e:
-            verdict, last = None, e
+        return _failed([*own, f])
+    message = {
+        "protocol": PROTOCOL,
+        "node": cfg.node,
+        "findings": [asdict(f) for f in own],
+        "checkpoints": own_steps,
+    }
+    # The verdict comes when the last node reported, at the latest at the first node's deadline
+    # (its clock started a bit later or earlier).
+    verdict, error = _exchange(
+        host, port, cfg.node_index, message, max(1.0, deadline - time.monotonic()) + 1 + 0.25 * cfg.timeout_s
+    )
     if verdict is None:
         f = Finding(
             cfg.node,
             "rendezvous",
             False,
-            f"reached {host}:{port} but got no preflight answer ({last or 'connection closed'}): another program "
-            "listens on this port, or the first node failed before answering",
+            f"reached {host}:{port} but got no preflight answer ({error}): "
+            "another program listens on this port, or the first node failed before answering",
             fix,
         )
-        return Report(False, [*own, f], [x.line() for x in [*own, f] if not x.ok])
-    reached = Finding(cfg.node, "rendezvous", True, f"reached {host}:{port}")
-    return Report(bool(verdict["ok"]), [*own, reached], list(verdict.get("lines", [])))
+        return _failed([*own, f])
+    reached_finding = Finding(cfg.node, "rendezvous", True, f"reached {host}:{port}")
+    return Report(bool(verdict["ok"]), [*own, reached_finding], list(verdict.get("lines", [])))
 
 
 def run(cfg: PreflightConfig) -> Report:

@@ -33,6 +33,7 @@ from titanenv import config as configlib
 from titanenv.data import manifest as manifestlib
 from titanenv.data.indexed import bin_path, idx_path
 from titanenv.redaction import SECRET_NAME, redact
+from titanenv.slurmenv import SlurmEnv
 from titanenv.train.checkpoints import write_json_atomic
 from titanenv.train.launch import LaunchPlan
 from titanenv.train.rundir import RunDir
@@ -181,17 +182,7 @@ class Recorder:
             "end": None,
             "titanenv": {"version": __version__, "root": str(root), **git_info(root)},
             "image": image_info(self.env),
-            "job": {
-                k: self.env.get(k)
-                for k in (
-                    "SLURM_JOB_ID",
-                    "SLURM_RESTART_COUNT",
-                    "SLURM_JOB_PARTITION",
-                    "SLURM_JOB_ACCOUNT",
-                    "SLURM_JOB_NAME",
-                )
-                if self.env.get(k)
-            },  # fmt: skip
+            "job": SlurmEnv.from_env(self.env).job_record(),
             "launch": {**asdict(plan), "nodes": list(plan.nodes)},
             "settings": dict(settings or {}),
             "command": list(command),

@@ -30,20 +30,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunDir", "attempt_id", "node_name"]
+from titanenv.slurmenv import SlurmEnv
+
+__all__ = ["RunDir", "attempt_id"]
 
 
 def attempt_id(env: Mapping[str, str]) -> str:
     """The id of this start of a run: per Slurm job and restart, else per local launch."""
-    job = env.get("SLURM_JOB_ID")
-    if job:
-        return f"job-{job}.{env.get('SLURM_RESTART_COUNT') or 0}"
+    slurm = SlurmEnv.from_env(env)
+    if slurm.job_id:
+        return f"job-{slurm.job_id}.{slurm.restart_count or 0}"
     return f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-
-
-def node_name(env: Mapping[str, str]) -> str:
-    """This node's Slurm name (``SLURMD_NODENAME``), else the host name."""
-    return env.get("SLURMD_NODENAME") or os.uname().nodename
 
 
 @dataclass(frozen=True)

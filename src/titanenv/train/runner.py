@@ -25,6 +25,7 @@ import subprocess
 import sys
 from typing import Any
 
+from titanenv.slurmenv import SlurmEnv
 from titanenv.train import checkpoints, control, preflight
 from titanenv.train.exitcodes import ExitCode
 from titanenv.train.job import NodeRun
@@ -92,7 +93,7 @@ def _trust(job: NodeRun) -> bool:
     if guard.trust is None:
         return guard.ok  # already complete (a requeued attempt): nothing to mark
     try:
-        path = checkpoints.trust(guard.trust, job=os.environ.get("SLURM_JOB_ID", ""))
+        path = checkpoints.trust(guard.trust, job=SlurmEnv.from_env().job_id or "")
     except (OSError, ValueError) as e:
         _say(f"preflight FAILED on {job.node}: checkpoints: {e}")
         return False

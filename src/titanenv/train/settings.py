@@ -277,6 +277,10 @@ class TrainArgs:
         "--trust-unmarked",
         help="With --resume-from: accept a checkpoint without titanenv's completion marker after checking its "
         "DCP .metadata and shard sizes, and mark it complete."))
+    export_at_end: bool = field(default=False, metadata=option(
+        "--export-at-end",
+        help="When training reaches its final step, the first node writes the Hugging Face export of that "
+        "checkpoint into OUTPUT_DIR/export/step-N (as `titanenv export`)."))
     extra: tuple[str, ...] = field(default=(), metadata=option(
         argument=True, cli_type=list[str] | None, cli_default=None, parse=_extra,
         help="Extra TorchTitan flags after '--', e.g. -- --debug.seed 0 --lr-scheduler.warmup-steps 10"))

@@ -19,7 +19,6 @@ runs this class; nothing of TorchTitan is patched. Additions to TorchTitan's loo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -29,6 +28,7 @@ import tyro
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
+from titanenv.slurmenv import node_name
 from titanenv.train import control, peak, preflight, vocab
 
 __all__ = ["JobControl", "TitanenvConfig", "TitanenvTrainer"]
@@ -113,7 +113,7 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
 
     def init_distributed(self) -> Any:  # torchtitan's ParallelDims
         parallel_dims = super().init_distributed()
-        node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+        node = node_name()
         if self.config.control.allreduce_timeout_s > 0 and dist.is_initialized():
             took = preflight.allreduce_check(self.config.control.allreduce_timeout_s, self.device, node)
             logger.info(
