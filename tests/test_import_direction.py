@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "slurm": 7,
     "api": 8,
     "cli": 9,
+    "__main__": 10,  # python -m titanenv: above the CLI it runs
 }
 CLI_LAYER = 9
 
@@ -68,7 +69,7 @@ def upward_imports() -> list[str]:
     for path in sorted(SRC.rglob("*.py")):
         module = _module_name(path)
         unit = _unit(module)
-        layer = CLI_LAYER if path.name in ("cli.py", "__main__.py") else LAYERS[unit]
+        layer = max(CLI_LAYER, LAYERS[unit]) if path.name in ("cli.py", "__main__.py") else LAYERS[unit]
         for line, target in _imports(path):
             other = _unit(target)
             if other == unit:

@@ -87,26 +87,36 @@ app.command("export")(export_cli.export)
 app.command("generate")(eval_cli.generate)
 
 
+DEMO_PROMPT = "The history of the city"
+DEMO_EVAL_ARTICLES = 10
+"""The first WikiText-2 articles, which the bundled lm-eval task scores (titanenv_wikitext2): the demo
+trains on the others."""
+
+
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 40,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 60,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Output root (default: TITANENV_DATA_DIR and TITANENV_CHECKPOINT_DIR)."),
     ] = None,
 ) -> None:
-    """Run the main job on the bundled sample: preprocess, train, evaluate, list the outputs."""
+    """Run the main job on the bundled sample: preprocess, train, evaluate, export, lm-eval, generate.
+
+    Real text (WikiText-2 and C4 samples) tokenized with GPT-2's tokenizer, a small Llama trained
+    with TorchTitan on the CPU, its validation loss, a Hugging Face export, an offline lm-eval run
+    on the bundled WikiText-2 perplexity task (articles kept out of training) and a greedy
+    continuation; then where every output went. A rerun resumes from the existing outputs.
+    """
     from titanenv.data import preprocess as pp
 
     cfg = _load(None).config
     sample = cfg.root / "sample_data"
-    tokenizer = sample / "torchtitan_test_tokenizer"
+    tokenizer = sample / "gpt2_tokenizer.json"
     data = (out / "data" if out else cfg.data_dir) / "sample"
     run_dir = (out / "runs" if out else cfg.checkpoint_dir) / "sample"
-    train_inputs: list[str | Path] = [
-        sample / "wikitext2_valid_test_docs.jsonl",
-        *sorted(sample.glob("c4-sample.*.json.gz")),
-    ]
+    wikitext = _demo_training_articles(sample / "wikitext2_valid_test_docs.jsonl", data / "wikitext2_train_part.jsonl")
+    train_inputs: list[str | Path] = [wikitext, *sorted(sample.glob("c4-sample.*.json.gz"))]
     splits: dict[str, list[str | Path]] = {"train": train_inputs, "val": [sample / "c4-guardian-val.jsonl.gz"]}
     for split, inputs in splits.items():
         console.rule(f"preprocess {split}")
@@ -115,11 +125,30 @@ def demo(
         )
         data_cli.report(pp.run(cfg_pp))
     console.rule("train")
-    train_cli.train(data=data / "train", tokenizer=tokenizer, output_dir=run_dir, steps=steps)
-    console.rule("eval")
+    train_cli.train(data=data / "train", tokenizer=tokenizer, output_dir=run_dir, steps=steps, seq_len=256,
+                    batch_size=4)  # fmt: skip
+    console.rule("validation loss")
     eval_cli.evaluate(output_dir=run_dir, data=data / "val", tokenizer=tokenizer)
+    console.rule("export")
+    export_cli.export(run_dir)
+    console.rule("lm-eval (offline)")
+    eval_cli.evaluate(model=[run_dir], tasks="titanenv_wikitext2", limit=5)
+    console.rule("generate")
+    eval_cli.generate(model=run_dir, prompt=[DEMO_PROMPT], max_new_tokens=24, greedy=True)
     console.rule("outputs")
     print("\n".join(_output_lines(data, run_dir)))
+
+
+def _demo_training_articles(source: Path, dest: Path) -> Path:
+    """``dest``: the WikiText-2 articles of ``source`` after the first :data:`DEMO_EVAL_ARTICLES`."""
+    from titanenv import atomic
+
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    text = "".join(lines[DEMO_EVAL_ARTICLES:])
+    if not dest.is_file() or dest.read_text(encoding="utf-8") != text:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(dest, text)
+    return dest
 
 
 def _output_lines(data: Path, run_dir: Path) -> list[str]:
@@ -128,7 +157,9 @@ def _output_lines(data: Path, run_dir: Path) -> list[str]:
         f"tokenized data:   {data}/{{train,val}}.{{bin,idx,manifest.json}}",
         f"checkpoints:      {run_dir}/checkpoint",
         f"tensorboard logs: {run_dir}/tb  ({shlex.join(['tensorboard', '--logdir', str(run_dir / 'tb')])})",
-        f"eval results:     {run_dir}/eval.json",
+        f"validation loss:  {run_dir}/eval.json",
+        f"HF export:        {run_dir}/export/step-N  (transformers, vLLM and lm-eval load it)",
+        f"lm-eval results:  {run_dir}/eval/results.md, results.csv, lm_eval/",
         f"per-rank logs:    {run_dir}/logs",
         f"provenance:       {run_dir}/provenance  (config, sbatch script, versions, pip freeze, nodes)",
     ]

@@ -1,29 +1,31 @@
 """Evaluation of trained models: validation loss, the lm-eval matrix, generation.
 
-The model of a run is rebuilt by :mod:`titanenv.train.model`; this package scores it.
+The model of a run is rebuilt by :mod:`titanenv.train.model`; this package scores it. The names
+below load their module on first use (PEP 562): ``titanenv --help`` and the core install, which
+has no torch, import this package through the CLI. (``generate`` is the submodule
+:mod:`titanenv.eval.generate`; its greedy ``generate`` function is imported from there.)
 """
 
 from __future__ import annotations
 
-from titanenv.eval.generate import ModelNotFound, generate, generate_text, read_prompts
-from titanenv.eval.loss import EVAL_FILE, EvalResult, evaluate, validation_loss
-from titanenv.eval.matrix import MatrixConfig, MatrixResults, run_matrix
-from titanenv.train.model import RunRecord, latest_checkpoint, load_model, read_run_record
+import importlib
+from typing import Any
 
-__all__ = [
-    "EVAL_FILE",
-    "EvalResult",
-    "MatrixConfig",
-    "MatrixResults",
-    "ModelNotFound",
-    "RunRecord",
-    "evaluate",
-    "generate",
-    "generate_text",
-    "latest_checkpoint",
-    "load_model",
-    "read_prompts",
-    "read_run_record",
-    "run_matrix",
-    "validation_loss",
-]
+_WHERE = {
+    "titanenv.eval.generate": ("ModelNotFound", "generate_text", "read_prompts"),
+    "titanenv.eval.loss": ("EVAL_FILE", "EvalResult", "evaluate", "validation_loss"),
+    "titanenv.eval.matrix": ("MatrixConfig", "MatrixResults", "run_matrix"),
+    "titanenv.train.model": ("RunRecord", "latest_checkpoint", "load_model", "read_run_record"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'titanenv.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

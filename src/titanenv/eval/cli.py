@@ -82,6 +82,7 @@ def evaluate(
     """
     from titanenv import eval as ev
     from titanenv.data import tokenizer as toklib
+    from titanenv.eval.generate import generate as greedy_text
 
     if data is None:
         models = [*([output_dir] if output_dir else []), *(model or [])]
@@ -112,7 +113,7 @@ def evaluate(
         f"({result.tokens:,} tokens in {result.windows} windows) -> {Path(output_dir) / ev.EVAL_FILE}"
     )
     if prompt is not None:
-        text = ev.generate(loaded[0], tokenizer, prompt, max_new_tokens=max_new_tokens, context=run.seq_len)
+        text = greedy_text(loaded[0], tokenizer, prompt, max_new_tokens=max_new_tokens, context=run.seq_len)
         typer.echo(f"{prompt}{text}")
 
 

@@ -18,20 +18,25 @@ export with :class:`ExportRefused`. Logits of the folder under ``transformers`` 
 
 from __future__ import annotations
 
-from titanenv.export.convert import ExportRefused, hf_config, load_state, resolve_checkpoint, to_hf
-from titanenv.export.folder import DTYPES, MARKER, ExportResult, cached_export, export_dir, export_run, is_current
+import importlib
+from typing import Any
 
-__all__ = [
-    "DTYPES",
-    "MARKER",
-    "ExportRefused",
-    "ExportResult",
-    "cached_export",
-    "export_dir",
-    "export_run",
-    "hf_config",
-    "is_current",
-    "load_state",
-    "resolve_checkpoint",
-    "to_hf",
-]
+# The names load their module on first use (PEP 562): the CLI imports this package, and the core
+# install has no torch.
+_WHERE = {
+    "titanenv.export.convert": ("ExportRefused", "hf_config", "load_state", "resolve_checkpoint", "to_hf"),
+    "titanenv.export.folder": ("DTYPES", "MARKER", "ExportResult", "cached_export", "export_dir", "export_run",
+                               "is_current"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'titanenv.export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

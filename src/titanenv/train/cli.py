@@ -7,12 +7,9 @@ It can also be called from Python; ``train`` raises ``typer.Exit(code)`` when to
 
 from __future__ import annotations
 
-import filecmp
-import os
 import shlex
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,43 +20,10 @@ from titanenv.data.indexed import bin_path, idx_path
 from titanenv.slurm import submit as submitlib
 from titanenv.slurm.render import JobSpec
 from titanenv.train import job, settings
+from titanenv.train.rundir import stage_tokenizer
 from titanenv.train.settings import SubmitArgs, TrainArgs
 
 __all__ = ["make_train", "stage_tokenizer", "train"]
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def stage_tokenizer(tokenizer: Path, output_dir: Path) -> Path:
-    """Copy the tokenizer into ``OUTPUT/tokenizer/`` and return that folder.
-
-    ``tokenizer`` is a ``tokenizer.json`` file (any name), a folder holding one (its
-    ``tokenizer_config.json`` is copied too) or a Hub id in the local cache, found by
-    :func:`titanenv.data.tokenizer.resolve`. TorchTitan loads ``<folder>/tokenizer.json``
-    from ``--hf-assets-path``; a copy in the output folder keeps the run self-contained
-    for resuming and evaluation. Copies are atomic, so concurrent nodes are safe.
-
-    Raises:
-        FileNotFoundError: if there is no tokenizer at ``tokenizer``.
-    """
-    from titanenv.data import tokenizer as toklib
-
-    found = toklib.resolve(tokenizer)  # the one resolver; TokenizerNotFound is a FileNotFoundError
-    sources = {"tokenizer.json": found}
-    if not Path(tokenizer).is_file():  # a folder (or cached Hub id): its tokenizer_config.json too
-        folder = Path(tokenizer) if Path(tokenizer).is_dir() else found.parent
-        sources |= {n: folder / n for n in TOKENIZER_FILES[1:] if (folder / n).is_file()}
-    dest = Path(output_dir) / "tokenizer"
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, src in sources.items():
-        target = dest / name
-        if target.is_file() and filecmp.cmp(src, target, shallow=False):
-            continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest)
-        os.close(fd)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
-    return dest
 
 
 def _check_data(prefix: Path) -> None:
@@ -103,20 +67,14 @@ def _train(args: TrainArgs, opts: SubmitArgs) -> None:
         )  # fmt: skip
         _submit(submitlib.prepare(args, spec, site), opts.dry_run)
         return
-    # Imported here: torch (and the runner, which loads it) is slow to import, and no other `titanenv` command needs it.
-    import torch
-
+    # Imported here: the runner loads torch, which is slow to import, and no other `titanenv` command needs it.
     from titanenv.train import runner
 
-    output_dir = args.output_dir
-    tokenizer_dir = stage_tokenizer(args.tokenizer, output_dir) if not opts.dry_run else output_dir / "tokenizer"
-    node = job.node_run(args, env=dict(os.environ), cuda_devices=torch.cuda.device_count(), site=site,
-                        tokenizer_dir=tokenizer_dir)  # fmt: skip
     if opts.dry_run:
-        typer.echo(shlex.join(node.command))
+        typer.echo(shlex.join(runner.plan_here(args, site).command))
         return
     sys.stdout.flush()
-    rc = runner.run_node(node)
+    rc, node = runner.run_here(args, site)
     if rc != 0:
         raise typer.Exit(code=rc)
     if args.export_at_end and node.node_index == 0:

@@ -24,15 +24,19 @@ every node, distinct after each requeue) and ``local-<date>-<time>-<pid>`` outsi
 
 from __future__ import annotations
 
+import filecmp
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from titanenv.data import tokenizer as toklib
 from titanenv.slurmenv import SlurmEnv
 
-__all__ = ["RunDir", "attempt_id"]
+__all__ = ["TOKENIZER_FILES", "RunDir", "attempt_id", "stage_tokenizer"]
 
 
 def attempt_id(env: Mapping[str, str]) -> str:
@@ -69,3 +73,37 @@ class RunDir:
     def logs(self, node: str) -> Path:
         """torchrun's ``--log-dir`` on ``node``."""
         return self.root / "logs" / self.attempt / node
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""What :func:`stage_tokenizer` copies from a tokenizer folder."""
+
+
+def stage_tokenizer(tokenizer: Path, output_dir: Path) -> Path:
+    """Copy the tokenizer into ``OUTPUT/tokenizer/`` and return that folder.
+
+    ``tokenizer`` is a ``tokenizer.json`` file (any name), a folder holding one (its
+    ``tokenizer_config.json`` is copied too) or a Hub id in the local cache, found by
+    :func:`titanenv.data.tokenizer.resolve`. TorchTitan loads ``<folder>/tokenizer.json``
+    from ``--hf-assets-path``; a copy in the output folder keeps the run self-contained
+    for resuming and evaluation. Copies are atomic, so concurrent nodes are safe.
+
+    Raises:
+        FileNotFoundError: if there is no tokenizer at ``tokenizer``.
+    """
+    found = toklib.resolve(tokenizer)  # the one resolver; TokenizerNotFound is a FileNotFoundError
+    sources = {"tokenizer.json": found}
+    if not Path(tokenizer).is_file():  # a folder (or cached Hub id): its tokenizer_config.json too
+        folder = Path(tokenizer) if Path(tokenizer).is_dir() else found.parent
+        sources |= {n: folder / n for n in TOKENIZER_FILES[1:] if (folder / n).is_file()}
+    dest = Path(output_dir) / "tokenizer"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, src in sources.items():
+        target = dest / name
+        if target.is_file() and filecmp.cmp(src, target, shallow=False):
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest)
+        os.close(fd)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, target)
+    return dest

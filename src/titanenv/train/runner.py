@@ -25,13 +25,17 @@ import subprocess
 import sys
 from typing import Any
 
+from titanenv import config as configlib
 from titanenv.slurmenv import SlurmEnv
 from titanenv.train import checkpoints, control, preflight
+from titanenv.train import job as joblib
 from titanenv.train.exitcodes import ExitCode
 from titanenv.train.job import NodeRun
 from titanenv.train.provenance import Recorder
+from titanenv.train.rundir import stage_tokenizer
+from titanenv.train.settings import TrainArgs
 
-__all__ = ["STOPPED", "exit_code", "run_node"]
+__all__ = ["STOPPED", "exit_code", "plan_here", "run_here", "run_node"]
 
 STOPPED = ExitCode.STOPPED
 """Exit code of ``titanenv train`` when training checkpointed and stopped before its planned steps
@@ -148,3 +152,29 @@ def run_node(job: NodeRun) -> int:
     if recorder is not None:
         recorder.finish(exit_code=code, status=status)
     return code
+
+
+def plan_here(args: TrainArgs, site: configlib.Resolved | None, *, stage: bool = False) -> NodeRun:
+    """This node's launch of ``args`` in this process's environment (a Slurm step, or one local node).
+
+    ``stage``: copy the tokenizer into ``OUTPUT/tokenizer/`` first (a dry run does not).
+    """
+    import torch
+
+    tokenizer_dir = stage_tokenizer(args.tokenizer, args.output_dir) if stage else args.output_dir / "tokenizer"
+    return joblib.node_run(args, env=dict(os.environ), cuda_devices=torch.cuda.device_count(), site=site,
+                           tokenizer_dir=tokenizer_dir)  # fmt: skip
+
+
+def run_here(args: TrainArgs, site: configlib.Resolved | None) -> tuple[int, NodeRun]:
+    """Stage the tokenizer, plan this node's launch and run it (:func:`run_node`).
+
+    Returns:
+        ``(exit code, the node's launch)``: 0, :data:`STOPPED`, :data:`~titanenv.train.preflight.PREFLIGHT_FAILED`
+        or torchrun's exit code.
+
+    Raises:
+        FileNotFoundError: no tokenizer at ``args.tokenizer``.
+    """
+    node = plan_here(args, site, stage=True)
+    return run_node(node), node
