@@ -8,6 +8,7 @@ output, lockfile, summary or archive.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shlex
@@ -331,6 +332,65 @@ def test_doctor_check_tasks_builds_fetched_tasks_and_names_the_fix(world, tmp_pa
     assert fetched.returncode == 0, fetched.stdout + fetched.stderr
     p = titanenv(args, env, world.base)
     assert p.returncode == 0 and "1 of 1 lm-eval tasks build offline" in p.stdout, p.stdout + p.stderr
+
+
+# Few-shot needs a split to draw examples from: the fetched dataset's train split, scored on test.
+FEWSHOT_TASK = f"""\
+task: tiny_c4_continuation
+dataset_path: {DATASET}
+output_type: loglikelihood
+training_split: train
+fewshot_split: train
+test_split: test
+doc_to_text: "{{{{text[:160]}}}}"
+doc_to_target: "{{{{text[160:200]}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata: {{version: 1.0}}
+"""
+
+
+def test_eval_matrix_runs_a_fetched_hub_task_offline(world, tmp_path, sample):
+    """`titanenv eval` in `unshare -n`, offline flags, the fetched HF_HOME: a Hub task at 0 and 1 shots."""
+    from test_eval_matrix import tiny_llama
+
+    require(UNSHARE, "needs `unshare -n` (root) to cut the network")
+    home = tmp_path / "hf"
+    shutil.copytree(world.home, home, symlinks=True)
+    tasks = tmp_path / "tasks"
+    shutil.copytree(world.base / "tasks", tasks)
+    (tasks / "tiny_c4_continuation.yaml").write_text(FEWSHOT_TASK)
+    model = tiny_llama(tmp_path / "tiny", 0, sample / "gpt2_tokenizer.json")
+    env = dict(offline_env(world.env, home), COLUMNS="200")
+    out = tmp_path / "out"
+    args = ["--model", model, "--tasks", "tiny_c4_continuation", "--include-path", tasks,
+            "--num-fewshot", "0,1", "--limit", "4", "--out", out]  # fmt: skip
+    p = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "titanenv", "eval", *map(str, args)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    OUTPUTS.extend([p.stdout, p.stderr])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["model"], r["task"], r["shots"]) for r in rows} == {
+        ("tiny", "tiny_c4_continuation", "0"),
+        ("tiny", "tiny_c4_continuation", "1"),
+    }
+    assert {r["metric"] for r in rows} >= {"perplexity", "acc"}
+    cell = json.loads((out / "lm_eval" / "tiny" / "hf" / "tiny_c4_continuation" / "1shot.json").read_text())
+    assert cell["n-shot"]["tiny_c4_continuation"] == 1 and cell["titanenv"]["limit"] == 4
+    assert (out / "results.md").read_text().startswith("| model |")
+    assert (out / "plot_shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_no_output_holds_the_token(world, tmp_path):

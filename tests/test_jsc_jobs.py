@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
 
+from titanenv import offline
 from titanenv.data import indexed
 from titanenv.data import preprocess as pp
 
@@ -158,3 +161,63 @@ def test_resubmitted_training_resumes_from_the_checkpoint(trained, slurm_cluster
     assert "Training starts at step 13" in ANSI.sub("", log)
     assert sorted(losses(log)) == list(range(13, 19))
     assert (run_dir / "checkpoint" / "step-18" / ".metadata").is_file()
+
+
+# Run by every Python process of the job, before its own code: its environment and command line, so
+# the test sees what the sbatch file and container_run.sh set, not what `titanenv eval` sets itself.
+ENV_DUMP = """\
+import json, os
+_dir = os.environ.get("JOB_ENV_DUMP")
+if _dir:
+    with open(os.path.join(_dir, f"{os.getpid()}.json"), "w") as f:
+        argv = open("/proc/self/cmdline", "rb").read().decode().rstrip("\\0").split("\\0")
+        json.dump({"argv": argv, "env": dict(os.environ)}, f)
+"""
+
+
+def test_eval_job_scores_a_trained_run_offline_on_cpu(slurm_cluster, root, site, tiny_run, tmp_path):
+    trained = tiny_run("gpt2")
+    run = tmp_path / "run"  # the job writes run/export/step-N and run/eval: a copy, the fixture's run stays as it is
+    shutil.copytree(trained.run_dir, run, ignore=shutil.ignore_patterns("export", "eval"))
+    hook, dumps = tmp_path / "hook", tmp_path / "env"
+    hook.mkdir()
+    dumps.mkdir()
+    (hook / "sitecustomize.py").write_text(ENV_DUMP)
+    # Submitted from a login-node shell that is online (TITANENV_OFFLINE=0, a proxy, no offline flags):
+    # the job must go offline by itself.
+    to_set, to_unset = offline.offline_environment()
+    scratch, env = site
+    env = {k: v for k, v in env.items() if k not in to_set and k not in to_unset}
+    env.update(
+        TITANENV_OFFLINE="0",
+        https_proxy="http://127.0.0.1:9",
+        PYTHONPATH=os.pathsep.join([str(hook), *filter(None, [env.get("PYTHONPATH")])]),
+        JOB_ENV_DUMP=str(dumps),
+    )
+    args = ["--model", str(run), "--tasks", "titanenv_wikitext2", "--limit", "2", "--device", "cpu"]
+    job, logs = submit(slurm_cluster, root, (scratch, env), "run_eval_jwb.sbatch", script_args=args)
+    rec = slurm_cluster.wait(job, timeout=420)
+    log = job_log(logs, job)
+    assert rec.ok, log[-5000:] + slurm_cluster.logs_tail()
+
+    with (run / "eval" / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["model"], r["step"], r["task"], r["shots"]) for r in rows} == {
+        ("run", str(trained.step), "titanenv_wikitext2", "0")
+    }
+    assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= {r["metric"] for r in rows}
+    assert all(float(r["value"]) > 0 for r in rows)
+    md = (run / "eval" / "results.md").read_text()
+    assert md.startswith("| model | step | task | shots | metric | value | stderr |")
+    assert "titanenv_wikitext2" in md and "word_perplexity" in md
+    assert (run / "export" / f"step-{trained.step}" / "config.json").is_file()
+    assert "Offline mode:" in log  # `titanenv eval` applied offline.env itself too
+
+    seen = [json.loads(p.read_text()) for p in dumps.glob("*.json")]
+    evals = [d for d in seen if "eval" in d["argv"]]
+    assert len(evals) == 1, [d["argv"] for d in seen]
+    argv, job_env = evals[0]["argv"], evals[0]["env"]
+    assert argv[argv.index("eval") + 1 :][:2] == ["--device", "cuda"] and argv[-2:] == ["--device", "cpu"]
+    assert job_env["TITANENV_OFFLINE"] == "1" and job_env["SLURM_JOB_ID"] == str(job)
+    assert {k: job_env.get(k) for k in to_set} == to_set  # HF_HUB_OFFLINE=1 and the rest of offline.env
+    assert not [k for k in to_unset if k in job_env]  # the proxy is cleared

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from titanenv.data import preprocess as pp
+from titanenv.eval import cli as eval_cli
 from titanenv.train import checkpoints, cli, control, peak, runner
 from titanenv.train.dataloader import MegatronDataloader, TokenWindowDataset, document_positions
 
@@ -287,7 +288,7 @@ def test_two_process_fsdp_over_gloo(data, tokenizer_dir, tmp_path):
 
 def test_evaluate_scores_the_latest_checkpoint(resumed, data, tokenizer_dir, capsys):
     out, _ = resumed
-    cli.evaluate(
+    eval_cli.evaluate(
         output_dir=out, data=data["val"], tokenizer=tokenizer_dir, max_windows=32, prompt="The", max_new_tokens=8
     )
     printed = capsys.readouterr().out
