@@ -10,8 +10,9 @@ and ``titanenv generate`` (the same checks, the same files, the same offline rul
     table = api.evaluate([run.output_dir], tasks=["titanenv_wikitext2"], num_fewshot=[0])
     print(api.generate(run.output_dir, ["The history of"], greedy=True)[0])
 
-Training runs on this machine (one node, ``torchrun`` with one process per GPU, or one on CPU);
-submit to Slurm with ``titanenv train --submit``. A full example: ``examples/api_example.py``.
+Training runs where it is called, as ``titanenv train`` does: on one machine (``torchrun`` with one
+process per GPU, or one on CPU), or, inside a Slurm allocation, as this node's share of it (so call
+it once per node under ``srun``, or submit with ``titanenv train --submit``). A full example: ``examples/api_example.py``.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ trains on the others."""
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 60,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 100,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Output root (default: TITANENV_DATA_DIR and TITANENV_CHECKPOINT_DIR)."),
@@ -105,8 +105,8 @@ def demo(
 
     Real text (WikiText-2 and C4 samples) tokenized with GPT-2's tokenizer, a small Llama trained
     with TorchTitan on the CPU, its validation loss, a Hugging Face export, an offline lm-eval run
-    on the bundled WikiText-2 perplexity task (articles kept out of training) and a greedy
-    continuation; then where every output went. A rerun resumes from the existing outputs.
+    on the bundled WikiText-2 perplexity task (articles kept out of training) and a sampled
+    continuation (fixed seed); then where every output went. A rerun resumes from the existing outputs.
     """
     from titanenv.data import preprocess as pp
 
@@ -134,7 +134,8 @@ def demo(
     console.rule("lm-eval (offline)")
     eval_cli.evaluate(model=[run_dir], tasks="titanenv_wikitext2", limit=5)
     console.rule("generate")
-    eval_cli.generate(model=run_dir, prompt=[DEMO_PROMPT], max_new_tokens=24, greedy=True)
+    # Sampled with a fixed seed (the same text on every rerun): greedy decoding of so small a model loops.
+    eval_cli.generate(model=run_dir, prompt=[DEMO_PROMPT], max_new_tokens=24, temperature=0.8, top_p=0.9, seed=0)
     console.rule("outputs")
     print("\n".join(_output_lines(data, run_dir)))
 

@@ -49,6 +49,7 @@ class SlurmEnv:
         array_task_id: ``SLURM_ARRAY_TASK_ID``.
         array_task_count: ``SLURM_ARRAY_TASK_COUNT``.
         array_task_min: ``SLURM_ARRAY_TASK_MIN``.
+        array_task_step: ``SLURM_ARRAY_TASK_STEP`` (``--array=0-6:2`` gives 2).
         array_task_max: ``SLURM_ARRAY_TASK_MAX``.
         step_id: ``SLURM_STEP_ID`` (inside ``srun``).
         nodelist: the compressed node list, ``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST``,
@@ -73,6 +74,7 @@ class SlurmEnv:
     array_task_id: int | None = None
     array_task_count: int | None = None
     array_task_min: int | None = None
+    array_task_step: int | None = None
     array_task_max: int | None = None
     step_id: str | None = None
     nodelist: str | None = None
@@ -105,6 +107,7 @@ class SlurmEnv:
             array_task_count=_int(env, "SLURM_ARRAY_TASK_COUNT"),
             array_task_min=_int(env, "SLURM_ARRAY_TASK_MIN"),
             array_task_max=_int(env, "SLURM_ARRAY_TASK_MAX"),
+            array_task_step=_int(env, "SLURM_ARRAY_TASK_STEP"),
             step_id=_text(env, "SLURM_STEP_ID"),
             nodelist=_text(env, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"),
             num_nodes=_int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"),
@@ -125,10 +128,18 @@ class SlurmEnv:
 
     @property
     def array_index(self) -> int:
-        """This task's 0-based position in its job array (``TASK_ID - TASK_MIN``); 0 outside an array."""
+        """This task's 0-based position in its job array (``(TASK_ID - TASK_MIN) / TASK_STEP``); 0 outside an array.
+
+        Raises:
+            ValueError: the task id is not on the array's step (a sparse ``--array=0,3,7`` list).
+        """
         if self.array_task_id is None:
             return 0
-        return self.array_task_id - (self.array_task_min or 0)
+        offset, step = self.array_task_id - (self.array_task_min or 0), self.array_task_step or 1
+        if offset % step:
+            raise ValueError(f"SLURM_ARRAY_TASK_ID={self.array_task_id} is not on the array's step {step}: "
+                             "submit a contiguous array, e.g. --array=0-N")  # fmt: skip
+        return offset // step
 
     def job_record(self) -> dict[str, str]:
         """The job's identity for a provenance record: ``{variable: value}`` of those that are set."""

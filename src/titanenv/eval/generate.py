@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,9 +301,9 @@ def generate(
 
 
 def _device(name: str) -> torch.device:
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: use cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name!r}: use cpu or cuda (cuda:N)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
     return torch.device(name)
 

@@ -367,7 +367,7 @@ def _run_model(
     for task, shots in plan:
         settings = _settings(ref, hf_dir, task, shots, config)
         folder = out / CELLS_DIR / ref.label / (f"step-{ref.step}" if ref.step is not None else "hf")
-        path = folder / task / f"{shots}shot.json"
+        path = folder / _cell_folder(task) / f"{shots}shot.json"
         t0 = time.monotonic()
         result = _reuse(path, settings)
         reused = result is not None
@@ -522,3 +522,10 @@ def _free(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+def _cell_folder(task: str) -> str:
+    """A folder name for ``task`` inside ``OUT/lm_eval/MODEL/STEP``: a task YAML path gives its stem,
+    and nothing can climb out of ``OUT`` (``/``, ``..``)."""
+    name = Path(task).stem if task.endswith((".yaml", ".yml")) else task
+    return re.sub(r"[^\w.+=-]+", "_", name).lstrip(".") or "_"

@@ -77,7 +77,7 @@ class ExportResult:
 
 def export_dir(run_dir: str | os.PathLike[str], step: int, dtype: str = "float32") -> Path:
     """Where :func:`cached_export` keeps an export: ``RUN/export/step-N`` (``step-N-bfloat16`` for bfloat16)."""
-    return Path(run_dir).absolute() / "export" / (f"step-{step}" if dtype == "float32" else f"step-{step}-{dtype}")
+    return Path(run_dir).resolve() / "export" / (f"step-{step}" if dtype == "float32" else f"step-{step}-{dtype}")
 
 
 def _sha256(path: Path) -> str:
@@ -97,17 +97,24 @@ def is_current(out: str | os.PathLike[str], run_dir: str | os.PathLike[str], ste
     marker names them and the checkpoint's own marker unchanged, and every file has its recorded size."""
     out = Path(out)
     mark = _read_marker(out)
-    ckpt = Path(run_dir).absolute() / "checkpoint" / f"step-{step}"
-    if mark is None or not (ckpt / checkpoints.MARKER).is_file():
+    ckpt = Path(run_dir).resolve() / "checkpoint" / f"step-{step}"
+    if mark is None or not (ckpt / checkpoints.MARKER).is_file() or not _same_run(mark, out, Path(run_dir)):
         return False
-    same = (mark.get("run_dir"), mark.get("step"), mark.get("dtype"), mark.get("checkpoint_marker_sha256")) == (
-        str(Path(run_dir).absolute()),
+    same = (mark.get("step"), mark.get("dtype"), mark.get("checkpoint_marker_sha256")) == (
         step,
         dtype,
         _sha256(ckpt / checkpoints.MARKER),
     )
     files = mark.get("files", {})
     return same and all((out / n).is_file() and (out / n).stat().st_size == size for n, size in files.items())
+
+
+def _same_run(mark: dict[str, Any], out: Path, run_dir: Path) -> bool:
+    """Whether the export ``out`` with marker ``mark`` is of ``run_dir``: the recorded run is the same
+    folder (symlinks and ``..`` resolved), or ``out`` is inside the run's ``export/`` (a moved run)."""
+    run = run_dir.resolve()
+    recorded = mark.get("run_dir")
+    return (isinstance(recorded, str) and Path(recorded).resolve() == run) or out.resolve().parent == run / "export"
 
 
 def _claim(out: Path, run_dir: Path) -> bool:
@@ -121,7 +128,7 @@ def _claim(out: Path, run_dir: Path) -> bool:
     if out.is_dir() and not any(out.iterdir()):
         return False
     mark = _read_marker(out) if out.is_dir() else None
-    if mark is not None and mark.get("run_dir") == str(run_dir):
+    if mark is not None and _same_run(mark, out, run_dir):
         return True
     whose = f"a titanenv export of {mark.get('run_dir')}" if mark else "not a titanenv export"
     raise FileExistsError(
@@ -287,7 +294,7 @@ def export_run(
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     start = time.monotonic()
-    run_path, out = Path(run_dir).absolute(), Path(out).absolute()
+    run_path, out = Path(run_dir).resolve(), Path(out).absolute()
     step, ckpt = resolve_checkpoint(run_path, step)
     _claim(out, run_path)
     loaded = load_state(run_path, step=step)
@@ -332,7 +339,7 @@ def export_run(
                 "seconds": round(time.monotonic() - start, 3)}  # fmt: skip
         atomic.write_json(tmp / MARKER, redacted(mark), durable=True)
         files[MARKER] = (tmp / MARKER).stat().st_size
-        replaced = _swap_in(tmp, out, run_path)
+        replaced = _swap_in(tmp, out, run_path, step, dtype)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if atomic.is_disk_full(e) and not isinstance(e, atomic.DiskFull):
@@ -342,8 +349,15 @@ def export_run(
                         config)  # fmt: skip
 
 
-def _swap_in(tmp: Path, out: Path, run_dir: Path) -> bool:
-    """Rename ``tmp`` to ``out``, moving an earlier export of the run aside first; returns whether one was replaced."""
+def _swap_in(tmp: Path, out: Path, run_dir: Path, step: int, dtype: str) -> bool:
+    """Rename ``tmp`` to ``out``, moving an earlier export of the run aside first; returns whether one was replaced.
+
+    When another process finished the very same export meanwhile (two eval jobs on one run), theirs
+    stays: a reader of ``out`` may already be loading it.
+    """
+    if is_current(out, run_dir, step, dtype):
+        shutil.rmtree(tmp)
+        return False
     replaced = _claim(out, run_dir)  # again: another process may have written it meanwhile
     if not replaced:
         if out.is_dir():
@@ -353,6 +367,9 @@ def _swap_in(tmp: Path, out: Path, run_dir: Path) -> bool:
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
+            if is_current(out, run_dir, step, dtype):  # lost a race to the same export: keep theirs
+                shutil.rmtree(tmp)
+                return False
             replaced = _claim(out, run_dir)  # lost a race: replace theirs, it is an export of this run
         else:
             return False

@@ -40,6 +40,7 @@ exits with :data:`PREFLIGHT_FAILED` (no requeue).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -480,7 +481,8 @@ def check_loopback(node: str, host: str = "localhost", port: int = 0) -> Finding
 
 
 def _key(*parts: object) -> str:
-    """A key of the preflight store: ``titanenv-preflight-1/report/INDEX``, ``.../verdict``, ``.../taken/INDEX``."""
+    """A key of the preflight store: ``titanenv-preflight-1/report/INDEX``, ``.../verdict``, ``.../taken/INDEX``,
+    ``.../closing``."""
     return "/".join([PROTOCOL, *map(str, parts)])
 
 
@@ -550,6 +552,9 @@ def serve(cfg: PreflightConfig, own: list[Finding], own_steps: list[int]) -> Rep
             store.wait([_key("taken", i) for i in peers], timedelta(seconds=VERDICT_TAKEN_TIMEOUT_S))
         except dist.DistError:
             pass  # a node that did not take its verdict times out on its own
+        # The others start torchrun only once this store is going away: their rendezvous agent must
+        # not reach it on torchrun's port while a slow node is still taking its verdict.
+        store.set(_key("closing"), "1")
     finally:
         del store  # stops the server: the port is free for torchrun
     return Report(ok, findings, lines)
@@ -619,6 +624,8 @@ def _exchange(
             verdict = _message(store.get(_key("verdict")))
             store.set(_key("taken", index), "1")
             answers.append((verdict, "" if verdict else "not a preflight verdict"))
+            with contextlib.suppress(Exception):  # the store closing under us is the answer too
+                store.wait([_key("closing")], timedelta(seconds=VERDICT_TAKEN_TIMEOUT_S + 5))
         except Exception as e:  # noqa: BLE001 (closed, timed out, not a store: all mean no answer)
             answers.append((None, f"{type(e).__name__}: {e}"))
 
