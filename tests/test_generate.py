@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from conftest import require
 from runs import TinyRun, make_tiny_run
 from titanenv.data import tokenizer as toklib
-from titanenv.eval import generate as ev_generate
 from titanenv.eval.generate import ModelNotFound, Sampler, continue_ids, generate_text, load_text_model, read_prompts
+from titanenv.eval.generate import generate as ev_generate
 from titanenv.train.model import load_model
 
 PROMPTS = ["The quick brown fox", "In 2019, the city council"]

@@ -12,7 +12,8 @@ and ``titanenv generate`` (the same checks, the same files, the same offline rul
 
 Training runs where it is called, as ``titanenv train`` does: on one machine (``torchrun`` with one
 process per GPU, or one on CPU), or, inside a Slurm allocation, as this node's share of it (so call
-it once per node under ``srun``, or submit with ``titanenv train --submit``). A full example: ``examples/api_example.py``.
+it once per node under ``srun``, or submit with ``titanenv train --submit``).
+A full example: ``examples/api_example.py``.
 """
 
 from __future__ import annotations
