@@ -234,3 +234,98 @@ def test_data_keeps_the_validation_loss_mode_with_model_naming_the_run(tiny_run,
     result = json.loads((run / "eval.json").read_text())
     assert result["step"] == trained.step and result["windows"] == 2
     assert f"step {trained.step}: val loss" in capsys.readouterr().out
+
+
+def test_the_reuse_key_holds_the_task_yaml_and_its_includes(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    base = tasks / "base.inc"  # not a .yaml: lm-eval indexes only the task file
+    base.write_text("output_type: multiple_choice\ndoc_to_choice: ['a', 'b']\n")
+    task = tasks / "mine.yaml"
+    task.write_text("include: base.inc\ntask: titanenv_mine\ndataset_path: json\ndoc_to_text: '{{q}}'\n")
+    manager = TaskManager(include_path=[str(tasks)], include_defaults=False)
+    first = matrix._task_digest(manager, "titanenv_mine")
+    assert first is not None and first == matrix._task_digest(manager, str(task))  # by name or by path
+    base.write_text("output_type: multiple_choice\ndoc_to_choice: ['a', 'c']\n")
+    second = matrix._task_digest(manager, "titanenv_mine")
+    task.write_text(task.read_text().replace("{{q}}", "Q: {{q}}"))
+    third = matrix._task_digest(manager, "titanenv_mine")
+    assert len({first, second, third}) == 3  # an edited task or include is run again, not reused
+    assert matrix._task_digest(manager, "not_a_task") is None
+    hf = hf_folder(tmp_path / "hf")
+    ref = matrix.ModelRef("hf", hf, None, None, hf, False)
+    settings = matrix._settings(ref, hf, "titanenv_mine", 0, matrix.MatrixConfig(models=[hf]), manager)
+    assert settings["task_yaml_sha256"] == third
+
+
+def test_one_step_in_two_dtypes_gets_two_cell_folders_and_names(tmp_path):
+    run = run_folder(tmp_path / "run", [5])
+    exports = []
+    for name, dtype in (("step-5", "float32"), ("step-5-bfloat16", "bfloat16")):
+        export = hf_folder(run / "export" / name)
+        (export / "titanenv-export.json").write_text(json.dumps({"run_dir": str(run), "step": 5, "dtype": dtype}))
+        exports.append(export)
+    f32, b16 = matrix.resolve_models(exports)
+    assert (f32.label, b16.label) == ("run", "run")
+    assert (f32.weights_dtype, b16.weights_dtype) == ("float32", "bfloat16")
+    assert matrix._step_folder(f32, "float32") == "step-5"
+    assert matrix._step_folder(b16, "float32") == "step-5-bfloat16-float32"
+    assert (matrix._model_name(f32, "float32"), matrix._model_name(b16, "float32")) == ("run", "run (bfloat16-float32)")
+    # the run folder evaluated with --dtype bfloat16 (exported in bfloat16) next to its float32 export
+    from_run = matrix.ModelRef("run", run, 5, run, exports[1], True, "bfloat16")
+    assert matrix._step_folder(from_run, "bfloat16") == "step-5-bfloat16"
+    assert matrix._step_folder(f32, "bfloat16") == "step-5-float32-bfloat16"
+    plain = matrix.ModelRef("hf", tmp_path, None, None, tmp_path, False)
+    assert (matrix._step_folder(plain, "float32"), matrix._step_folder(plain, "float16")) == ("hf", "hf-float16")
+    result = {"results": {"t": {"acc,none": 0.5}}, "n-shot": {"t": 0}}
+    assert [r.model for r in matrix._rows(b16, 0, result, matrix._model_name(b16, "float32"))] == [
+        "run (bfloat16-float32)"
+    ]
+
+
+def test_a_plot_this_run_does_not_draw_is_removed(tmp_path):
+    from titanenv.eval import report
+
+    def row(model: str, step: int | None, shots: int) -> report.Row:
+        return report.Row(model, step, "t", shots, "acc", 0.5, 0.1)
+
+    series = [row("m", 1, 0), row("m", 2, 0), row("m", 1, 3)]
+    assert sorted(p.name for p in report.write_plots(series, tmp_path)) == ["plot_shots.png", "plot_steps.png"]
+    (tmp_path / "mine.png").write_bytes(b"x")
+    assert report.write_plots([row("m", 1, 0), row("m", 1, 3)], tmp_path) == [tmp_path / "plot_shots.png"]
+    assert not (tmp_path / "plot_steps.png").exists() and (tmp_path / "mine.png").exists()
+    assert report.write_plots([row("m", None, 0)], tmp_path) == []
+    assert not (tmp_path / "plot_shots.png").exists()
+
+
+def test_options_of_the_other_mode_are_rejected_and_missing_files_named_neutrally(tmp_path, monkeypatch):
+    import typer
+
+    from titanenv.eval import cli
+
+    for option, value in (("prompt", "Hi"), ("tokenizer", tmp_path), ("max_windows", 2)):
+        with pytest.raises(typer.BadParameter, match=f"--{option.replace('_', '-')} does not apply") as e:
+            cli.evaluate(model=[tmp_path], **{option: value})
+        assert e.value.param_hint == f"--{option.replace('_', '-')}"
+    ignored = [("tasks", "arc_easy"), ("dtype", "bfloat16"), ("steps", "all"), ("out", tmp_path),
+               ("include_path", [tmp_path]), ("limit", 2.0), ("device", "cuda"), ("num_fewshot", "5")]  # fmt: skip
+    for option, value in ignored:
+        with pytest.raises(typer.BadParameter, match=f"--{option.replace('_', '-')} does not apply to --data"):
+            cli.evaluate(model=[tmp_path], data=tmp_path / "val", **{option: value})
+
+    def fails(error: Exception):
+        def run_matrix(*args: object, **kwargs: object) -> None:
+            raise error
+
+        return run_matrix
+
+    monkeypatch.setattr(matrix, "run_matrix", fails(matrix.ModelNotFound("no model here")))
+    with pytest.raises(typer.BadParameter, match="no model here") as e:
+        cli.evaluate(model=[tmp_path], tasks="titanenv_wikitext2", include_path=[])
+    assert e.value.param_hint == "--model"
+    monkeypatch.setattr(matrix, "run_matrix", fails(FileNotFoundError("no include folder")))
+    with pytest.raises(typer.BadParameter, match="no include folder") as e:
+        cli.evaluate(model=[tmp_path])
+    assert e.value.param_hint is None

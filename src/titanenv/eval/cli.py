@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -85,9 +86,13 @@ def evaluate(
     from titanenv.eval.generate import generate as greedy_text
 
     if data is None:
+        _not_in_mode("the lm-eval matrix (without --data)", prompt=prompt, tokenizer=tokenizer,
+                     max_windows=max_windows, max_new_tokens=max_new_tokens)  # fmt: skip
         models = [*([output_dir] if output_dir else []), *(model or [])]
         _matrix(models, tasks, num_fewshot, limit, include_path or [], step, steps, batch_size, device, dtype, out)
         return
+    _not_in_mode("--data (validation loss)", tasks=tasks, num_fewshot=num_fewshot, device=device, dtype=dtype,
+                 limit=limit, include_path=include_path, steps=steps, out=out)  # fmt: skip
     if output_dir is None:
         if not model or len(model) != 1:
             raise typer.BadParameter("--data scores one run folder: pass one --model (or --output-dir)")
@@ -115,6 +120,15 @@ def evaluate(
     if prompt is not None:
         text = greedy_text(loaded[0], tokenizer, prompt, max_new_tokens=max_new_tokens, context=run.seq_len)
         typer.echo(f"{prompt}{text}")
+
+
+def _not_in_mode(mode: str, **given: object) -> None:
+    """Reject an option the chosen mode would ignore: one set to other than its default."""
+    defaults = inspect.signature(evaluate).parameters
+    for name, value in given.items():
+        if value not in (None, []) and value != defaults[name].default:
+            option = "--" + name.replace("_", "-")
+            raise typer.BadParameter(f"{option} does not apply to {mode}", param_hint=option)
 
 
 def _matrix(
@@ -152,8 +166,10 @@ def _matrix(
             typer.echo(f"{typer.style(c.name, fg='red')}: not available offline: {c.reason}", err=True)
             typer.echo(f"  fetch it on a login node: {c.fix}", err=True)
         raise typer.Exit(TASKS_NOT_OFFLINE) from None
-    except FileNotFoundError as e:
+    except matrix.ModelNotFound as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
+    except FileNotFoundError as e:  # a checkpoint step, an include path, a file of the export
+        raise typer.BadParameter(str(e)) from None
     except AssetListError as e:
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
     console.print(report.rich_table(results.rows))

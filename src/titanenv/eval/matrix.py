@@ -11,12 +11,14 @@ checkpoints, exported on the fly by :func:`titanenv.export.cached_export` into
 ``RUN/export/step-N/``), such an exported folder, or any local Hugging Face folder (``config.json``).
 titanenv's data carry no BOS token, so titanenv models are scored with ``add_bos_token=False``;
 other folders keep their tokenizer's rule. Each cell's lm-eval results JSON is written to
-``OUT/lm_eval/MODEL/step-N/TASK/Kshot.json``; a rerun with the same settings reuses it.
+``OUT/lm_eval/MODEL/step-N[-DTYPE]/TASK/Kshot.json`` (DTYPE unless float32); a rerun with the same
+settings (the task's YAML contents among them) reuses it.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
@@ -44,6 +46,7 @@ __all__ = [
     "Cell",
     "MatrixResults",
     "MatrixConfig",
+    "ModelNotFound",
     "ModelRef",
     "TasksNotOffline",
     "parse_ints",
@@ -124,6 +127,8 @@ class ModelRef:
     """The Hugging Face folder, or None until the run's checkpoint is exported."""
     titanenv: bool
     """Trained by titanenv: its data have no BOS token, so it is scored with ``add_bos_token=False``."""
+    weights_dtype: str | None = None
+    """The weights' dtype of a titanenv export (its marker's), else None; set for run folders by their export."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,10 @@ class MatrixResults:
     notes: list[str]
     """One line per thing the reader should know (zero-shot-only tasks, BOS handling)."""
     seconds: float
+
+
+class ModelNotFound(FileNotFoundError):
+    """A folder named as a model is neither a run folder (with a complete checkpoint) nor a Hugging Face folder."""
 
 
 class TasksNotOffline(Exception):
@@ -212,8 +221,8 @@ def resolve_models(
     checkpoint; ``step``/``steps`` do not apply to other folders. Labels are made unique.
 
     Raises:
-        FileNotFoundError: a folder is neither a run folder nor a Hugging Face folder, or a step
-            is not a complete checkpoint (the message lists the complete ones).
+        ModelNotFound: a folder is neither a run folder (with a complete checkpoint) nor a Hugging Face folder.
+        FileNotFoundError: a step is not a complete checkpoint (the message lists the complete ones).
     """
     refs: list[ModelRef] = []
     for source in map(Path, sources):
@@ -224,9 +233,10 @@ def resolve_models(
             ]
         elif (source / HF_MARKER).is_file():
             run, s = _export_of(source)
-            refs.append(ModelRef(_label(run or source), source, s, None, source, titanenv=run is not None))
+            dtype = _export_dtype(source) if run is not None else None
+            refs.append(ModelRef(_label(run or source), source, s, None, source, run is not None, dtype))
         else:
-            raise FileNotFoundError(
+            raise ModelNotFound(
                 f"{source}: not a model folder: expected a run folder of `titanenv train` ({CONFIG_RECORD}) "
                 f"or an exported / Hugging Face folder ({HF_MARKER}, weights, tokenizer)"
             )
@@ -242,6 +252,17 @@ def _export_of(folder: Path) -> tuple[Path | None, int | None]:
         return Path(mark["run_dir"]), int(mark["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None, None
+
+
+def _export_dtype(folder: Path) -> str | None:
+    """The weights' dtype a titanenv export's marker records, else None."""
+    from titanenv.export import MARKER
+
+    try:
+        dtype = json.loads((folder / MARKER).read_text()).get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dtype if isinstance(dtype, str) else None
 
 
 def _label(folder: Path) -> str:
@@ -267,7 +288,7 @@ def _unique_labels(refs: list[ModelRef]) -> list[ModelRef]:
 def _run_steps(run: Path, step: int | None, steps: list[int] | Literal["all"] | None) -> list[int]:
     complete = sorted(checkpoints.complete_steps(run / "checkpoint"))
     if not complete:
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{run}/checkpoint: no complete checkpoint (step-N/{checkpoints.MARKER}); train first with `titanenv train`"
         )
     if steps == "all":
@@ -365,9 +386,8 @@ def _run_model(
     rows: list[Row] = []
     lm: Any = None
     for task, shots in plan:
-        settings = _settings(ref, hf_dir, task, shots, config)
-        folder = out / CELLS_DIR / ref.label / (f"step-{ref.step}" if ref.step is not None else "hf")
-        path = folder / _cell_folder(task) / f"{shots}shot.json"
+        settings = _settings(ref, hf_dir, task, shots, config, manager)
+        path = out / CELLS_DIR / ref.label / _step_folder(ref, config.dtype) / _cell_folder(task) / f"{shots}shot.json"
         t0 = time.monotonic()
         result = _reuse(path, settings)
         reused = result is not None
@@ -380,10 +400,29 @@ def _run_model(
             result["titanenv"] = {**settings, "seconds": round(time.monotonic() - t0, 3)}
             atomic.write_text(path, json.dumps(result, indent=2, default=_jsonable) + "\n")
         cells.append(Cell(ref.label, ref.step, task, shots, path, reused, time.monotonic() - t0))
-        rows += _rows(ref, shots, result)
+        rows += _rows(ref, shots, result, _model_name(ref, config.dtype))
     del lm
     _free(config.device)
     return cells, rows
+
+
+def _dtype_tag(ref: ModelRef, dtype: str) -> str:
+    """The dtype of a model's cells: ``dtype`` (lm-eval's compute and load dtype), after the weights'
+    dtype of a titanenv export when that differs (``bfloat16-float32``: bfloat16 weights run in float32)."""
+    weights = ref.weights_dtype
+    return dtype if weights in (None, dtype) else f"{weights}-{dtype}"
+
+
+def _step_folder(ref: ModelRef, dtype: str) -> str:
+    """``step-N`` (``hf``: not a titanenv model), ``-DTYPE`` after it unless float32 throughout."""
+    tag = _dtype_tag(ref, dtype)
+    return (f"step-{ref.step}" if ref.step is not None else "hf") + ("" if tag == "float32" else f"-{tag}")
+
+
+def _model_name(ref: ModelRef, dtype: str) -> str:
+    """A model's name in the tables and plots: its label, with its dtype unless float32 throughout."""
+    tag = _dtype_tag(ref, dtype)
+    return ref.label if tag == "float32" else f"{ref.label} ({tag})"
 
 
 def _name(ref: ModelRef) -> str:
@@ -434,11 +473,12 @@ def _exported(ref: ModelRef, dtype: str, say: Callable[[str], None]) -> ModelRef
     from titanenv.export import DTYPES, cached_export  # imports huggingface_hub: after offline.apply
 
     say(f"exporting {ref.run_dir} step {ref.step} (cached in RUN/export/)")
-    hf_dir = cached_export(ref.run_dir, step=ref.step, dtype=dtype if dtype in DTYPES else "float32")
-    return ModelRef(**{**ref.__dict__, "hf_dir": hf_dir})
+    weights = dtype if dtype in DTYPES else "float32"
+    hf_dir = cached_export(ref.run_dir, step=ref.step, dtype=weights)
+    return ModelRef(**{**ref.__dict__, "hf_dir": hf_dir, "weights_dtype": weights})
 
 
-def _settings(ref: ModelRef, hf_dir: Path, task: str, shots: int, config: MatrixConfig) -> dict[str, Any]:
+def _settings(ref: ModelRef, hf_dir: Path, task: str, shots: int, config: MatrixConfig, manager: Any) -> dict[str, Any]:
     """What a cell's result depends on; an earlier JSON with the same settings is reused."""
     weights = sorted(hf_dir.glob("*.safetensors")) or sorted(hf_dir.glob("*.bin"))
     return {
@@ -447,12 +487,40 @@ def _settings(ref: ModelRef, hf_dir: Path, task: str, shots: int, config: Matrix
         "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights],
         "step": ref.step,
         "task": task,
+        "task_yaml_sha256": _task_digest(manager, task),
         "shots": shots,
         "limit": config.limit,
         "dtype": config.dtype,
         "add_bos_token": False if ref.titanenv else None,
         "lm_eval": _lm_eval_version(),
     }
+
+
+def _task_digest(manager: Any, task: str) -> str | None:
+    """sha256 over the contents of ``task``'s YAML file (the ``TaskManager`` index's, or the path
+    itself) and of the files its ``include:`` chain names: an edited task runs again. None for a
+    task without a YAML file."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index.get(task)
+    start = entry.yaml_path if entry is not None else Path(task) if task.endswith((".yaml", ".yml")) else None
+    if start is None:
+        return None
+    digest = hashlib.sha256()
+    todo, seen = [Path(start).expanduser().resolve()], set()
+    while todo:
+        path = todo.pop(0)
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        try:
+            include = load_yaml(path, resolve_func=False, recursive=False).get("include")
+        except Exception:  # an unreadable include chain is lm-eval's error to report; its bytes are hashed
+            continue
+        for inc in include if isinstance(include, list) else [include] if include else []:
+            todo.append((path.parent / str(inc)).resolve())
+    return digest.hexdigest()
 
 
 def _lm_eval_version() -> str:
@@ -494,7 +562,7 @@ def _evaluate(lm: Any, task: str, shots: int, config: MatrixConfig, manager: Any
     return dict(result)
 
 
-def _rows(ref: ModelRef, shots: int, result: dict[str, Any]) -> list[Row]:
+def _rows(ref: ModelRef, shots: int, result: dict[str, Any], model: str | None = None) -> list[Row]:
     """One row per (task or subtask, metric) of a cell's results."""
     rows = []
     for task, entry in result.get("results", {}).items():
@@ -506,7 +574,7 @@ def _rows(ref: ModelRef, shots: int, result: dict[str, Any]) -> list[Row]:
             err = entry.get(f"{metric}_stderr,{filt}")
             stderr = float(err) if isinstance(err, int | float) and math.isfinite(err) else None
             name = metric if filt == "none" else f"{metric} ({filt})"
-            rows.append(Row(ref.label, ref.step, task, n, name, float(value), stderr))
+            rows.append(Row(model or ref.label, ref.step, task, n, name, float(value), stderr))
     return rows
 
 

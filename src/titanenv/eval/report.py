@@ -93,6 +93,8 @@ def write_plots(rows: Sequence[Row], out: str | Path) -> list[Path]:
     plot one per (model, step); error bars where lm-eval gives a standard error. PNG, matplotlib's
     Agg backend (no display needed).
 
+    A plot of an earlier run that this one does not draw is removed (it would show stale results).
+
     Returns:
         The PNG files written (none when no line has two points).
     """
@@ -101,6 +103,8 @@ def write_plots(rows: Sequence[Row], out: str | Path) -> list[Path]:
         series = _series(rows, x, line_key)
         if series:
             written.append(atomic.write_bytes(Path(out) / name, _figure(series, x)))
+        else:
+            (Path(out) / name).unlink(missing_ok=True)
     return written
 
 

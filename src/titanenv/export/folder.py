@@ -11,7 +11,6 @@ this host are removed on the next export to the same place.
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -31,6 +30,7 @@ from tokenizers import Tokenizer
 from titanenv import __version__, atomic
 from titanenv.data import manifest as manifestlib
 from titanenv.data import tokenizer as toklib
+from titanenv.digest import sha256_file
 from titanenv.export.convert import hf_config, load_state, resolve_checkpoint, to_hf
 from titanenv.redaction import redact, redacted
 from titanenv.train import checkpoints
@@ -80,10 +80,6 @@ def export_dir(run_dir: str | os.PathLike[str], step: int, dtype: str = "float32
     return Path(run_dir).resolve() / "export" / (f"step-{step}" if dtype == "float32" else f"step-{step}-{dtype}")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _read_marker(out: Path) -> dict[str, Any] | None:
     try:
         found = json.loads((out / MARKER).read_text())
@@ -103,7 +99,7 @@ def is_current(out: str | os.PathLike[str], run_dir: str | os.PathLike[str], ste
     same = (mark.get("step"), mark.get("dtype"), mark.get("checkpoint_marker_sha256")) == (
         step,
         dtype,
-        _sha256(ckpt / checkpoints.MARKER),
+        sha256_file(ckpt / checkpoints.MARKER),
     )
     files = mark.get("files", {})
     return same and all((out / n).is_file() and (out / n).stat().st_size == size for n, size in files.items())
@@ -144,6 +140,10 @@ def _sweep(out: Path) -> None:
         for path in out.parent.glob(f".{out.name}.{kind}.*"):
             pid, _, host = path.name.removeprefix(f".{out.name}.{kind}.").partition(".")
             if host == me and pid.isdigit() and not atomic.pid_alive(int(pid)):
+                if kind == "old" and not out.exists():  # killed between the two renames: theirs is the export
+                    os.rename(path, out)
+                    log.warning("%s: restored the previous export from %s (pid %s died mid-swap)", out, path, pid)
+                    continue
                 shutil.rmtree(path, ignore_errors=True)
                 log.warning("%s: removed a partial export left by pid %s, which is no longer running", path, pid)
 
@@ -334,7 +334,7 @@ def export_run(
         atomic.write_text(tmp / "README.md", _readme(facts, _provenance(run_path)))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         mark = {"schema": 1, "run_dir": str(run_path), "step": step, "checkpoint": str(ckpt),
-                "checkpoint_marker_sha256": _sha256(ckpt / checkpoints.MARKER), "dtype": dtype, "files": files,
+                "checkpoint_marker_sha256": sha256_file(ckpt / checkpoints.MARKER), "dtype": dtype, "files": files,
                 "titanenv": __version__, "torchtitan": facts["torchtitan"], "time": facts["time"],
                 "seconds": round(time.monotonic() - start, 3)}  # fmt: skip
         atomic.write_json(tmp / MARKER, redacted(mark), durable=True)

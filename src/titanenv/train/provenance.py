@@ -16,7 +16,6 @@ copied batch script such assignments and Hugging Face tokens (``hf_...``) are re
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import shutil
@@ -32,6 +31,7 @@ from titanenv import __version__
 from titanenv import config as configlib
 from titanenv.data import manifest as manifestlib
 from titanenv.data.indexed import bin_path, idx_path
+from titanenv.digest import sha256_file
 from titanenv.redaction import SECRET_NAME, redact
 from titanenv.slurmenv import SlurmEnv
 from titanenv.train.checkpoints import write_json_atomic
@@ -97,14 +97,6 @@ def image_info(env: Mapping[str, str]) -> dict[str, object] | None:
     return info
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def pip_freeze() -> str:
     """``name==version`` of every installed distribution, sorted (``pip freeze`` without running pip)."""
     lines = set()
@@ -130,14 +122,14 @@ def data_records(prefixes: Sequence[Path]) -> list[dict[str, object]]:
         record: dict[str, object] = {"prefix": str(prefix)}
         if mpath.is_file():
             record["manifest"] = str(mpath)
-            record["manifest_sha256"] = _sha256(mpath)
+            record["manifest_sha256"] = sha256_file(mpath)
             manifest = manifestlib.read(prefix)
             record["tokenizer_sha256"] = manifest.tokenizer.sha256 if manifest is not None else None
             record["tokens"] = manifest.counts.tokens if manifest is not None else None
         else:
             record["manifest"] = None
         if idx_path(prefix).is_file():
-            record["idx_sha256"] = _sha256(idx_path(prefix))
+            record["idx_sha256"] = sha256_file(idx_path(prefix))
         if bin_path(prefix).is_file():
             record["bin_bytes"] = bin_path(prefix).stat().st_size
         out.append(record)
@@ -208,7 +200,7 @@ class Recorder:
         return out
 
     def _hash_image(self, path: Path) -> None:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         image = self.record.get("image")
         if isinstance(image, dict):
             image["sha256"] = digest
