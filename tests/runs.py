@@ -54,7 +54,7 @@ class TinyRun:
 
 
 @contextmanager
-def _output_to(path: Path) -> Iterator[None]:
+def output_to(path: Path) -> Iterator[None]:
     """Send this process's fds 1 and 2 (inherited by torchrun and its workers) to ``path``."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -98,7 +98,7 @@ def make_tiny_run(
     )
     run_dir = root / "run"
     log = root / "train.log"
-    with _output_to(log):
+    with output_to(log):
         cli.train(
             data=data,
             tokenizer=tok,
@@ -113,3 +113,18 @@ def make_tiny_run(
         )
     assert checkpoints.complete_steps(run_dir / "checkpoint") == [steps], log.read_text()[-3000:]
     return TinyRun(run_dir=run_dir, data=data, tokenizer=tok, step=steps, seq_len=seq_len, log=log)
+
+
+def tiny_llama(folder: Path, seed: int, tokenizer_json: Path) -> Path:
+    """A random 2-layer ``LlamaForCausalLM`` (hidden 32) with the GPT-2 tokenizer, saved in ``folder``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=50256, eos_token_id=50256)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    eot = "<|endoftext|>"
+    PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=eot, bos_token=eot).save_pretrained(folder)
+    return folder

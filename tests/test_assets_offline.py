@@ -357,7 +357,7 @@ metadata: {{version: 1.0}}
 
 def test_eval_matrix_runs_a_fetched_hub_task_offline(world, tmp_path, sample):
     """`titanenv eval` in `unshare -n`, offline flags, the fetched HF_HOME: a Hub task at 0 and 1 shots."""
-    from test_eval_matrix import tiny_llama
+    from runs import tiny_llama
 
     require(UNSHARE, "needs `unshare -n` (root) to cut the network")
     home = tmp_path / "hf"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
+from runs import tiny_llama
 from titanenv import offline
 from titanenv.eval import bundled, matrix
 from titanenv.train import checkpoints
@@ -28,21 +29,6 @@ UNSHARE = (
     and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 )
 TASKS = ",".join(bundled.BUNDLED_TASKS)
-
-
-def tiny_llama(folder: Path, seed: int, tokenizer_json: Path) -> Path:
-    """A random 2-layer ``LlamaForCausalLM`` (hidden 32) with the GPT-2 tokenizer, saved in ``folder``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=50256, eos_token_id=50256)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    eot = "<|endoftext|>"
-    PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=eot, bos_token=eot).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

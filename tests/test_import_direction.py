@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "offline": 0,
     "templating": 0,
     "bootstrap": 0,
+    "lazy": 0,
     "slurmenv": 0,
     "sbatch": 0,
     "config": 1,

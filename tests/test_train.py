@@ -16,13 +16,13 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from runs import output_to
 from titanenv.data import preprocess as pp
 from titanenv.eval import cli as eval_cli
 from titanenv.train import checkpoints, cli, control, peak, runner
@@ -53,24 +53,6 @@ def data(sample: Path, tokenizer_dir: Path, tmp_path_factory) -> dict[str, Path]
             )
         )
     return {split: root / split for split in splits}
-
-
-@contextmanager
-def output_to(path: Path):
-    """Send this process's fds 1 and 2 (inherited by torchrun and its workers) to ``path``."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "w") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 def run_train(out: Path, data: dict[str, Path], tokenizer_dir: Path, steps: int, **kw) -> str:

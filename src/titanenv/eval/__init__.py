@@ -8,8 +8,7 @@ has no torch, import this package through the CLI. (``generate`` is the submodul
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from titanenv import lazy
 
 _WHERE = {
     "titanenv.eval.generate": ("ModelNotFound", "generate_text", "read_prompts"),
@@ -17,15 +16,4 @@ _WHERE = {
     "titanenv.eval.matrix": ("MatrixConfig", "MatrixResults", "run_matrix"),
     "titanenv.train.model": ("RunRecord", "latest_checkpoint", "load_model", "read_run_record"),
 }
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'titanenv.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__all__, __getattr__ = lazy.attributes(__name__, _WHERE, globals())

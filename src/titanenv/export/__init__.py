@@ -18,8 +18,7 @@ export with :class:`ExportRefused`. Logits of the folder under ``transformers`` 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from titanenv import lazy
 
 # The names load their module on first use (PEP 562): the CLI imports this package, and the core
 # install has no torch.
@@ -28,15 +27,4 @@ _WHERE = {
     "titanenv.export.folder": ("DTYPES", "MARKER", "ExportResult", "cached_export", "export_dir", "export_run",
                                "is_current"),
 }  # fmt: skip
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'titanenv.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__all__, __getattr__ = lazy.attributes(__name__, _WHERE, globals())
