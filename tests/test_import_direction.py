@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "train": 4,
     "export": 5,
     "eval": 6,
+    "finetune": 6,
     "slurm": 7,
     "api": 8,
     "cli": 9,

@@ -70,9 +70,8 @@ def tiny_data(sample, tmp_path_factory):
     return out
 
 
-def dry_run(machine: str, data: Path, sample: Path, monkeypatch, extra=()) -> str:
-    from titanenv.cli import app
-
+def dry_run_env(monkeypatch, machine: str) -> dict[str, str]:
+    """No sbatch on PATH, no site or Slurm variables from this machine; the env of a dry run on ``machine``."""
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "sbatch" else real_which(name, *a, **k))
     for name in list(os.environ):
@@ -80,8 +79,14 @@ def dry_run(machine: str, data: Path, sample: Path, monkeypatch, extra=()) -> st
             ("TITANENV_", "SLURM_", "NCCL_", "UCX_", "GLOO_", "HF_", "PIP_", "TRITON_", "TORCHINDUCTOR_", "NLTK_")
         ):
             monkeypatch.delenv(name)
-    env = dict(TITANENV_MACHINE=machine, TITANENV_ACCOUNT="myproject", TITANENV_VENV="/opt/titanenv/venv",
-               TITANENV_SCRATCH_DIR="/p/scratch/myproject", TITANENV_PROJECT_DIR="/p/project/myproject")  # fmt: skip
+    return dict(TITANENV_MACHINE=machine, TITANENV_ACCOUNT="myproject", TITANENV_VENV="/opt/titanenv/venv",
+                TITANENV_SCRATCH_DIR="/p/scratch/myproject", TITANENV_PROJECT_DIR="/p/project/myproject")  # fmt: skip
+
+
+def dry_run(machine: str, data: Path, sample: Path, monkeypatch, extra=()) -> str:
+    from titanenv.cli import app
+
+    env = dry_run_env(monkeypatch, machine)
     args = [
         "train",
         "--submit",

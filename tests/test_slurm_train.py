@@ -276,3 +276,27 @@ def test_submit_dry_run_asks_sbatch_test_only(slurm_cluster, root, site, data, s
     assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --time=10" in proc.stdout
     assert re.search(r"sbatch --test-only \(exit 0\): .*to start at .* on nodes node\[1-2\]", proc.stderr), proc.stderr
     assert not (scratch / "runs" / "dry").exists()  # a dry run writes nothing
+
+
+# ------------------------------------------------------------------------------ LoRA fine-tune, same script
+
+
+def test_finetune_runs_through_the_training_script(reference, slurm_cluster, root, site, data):
+    """`sbatch jsc/run_training_jwb.sbatch finetune FLAGS`: the same script runs `titanenv finetune`."""
+    from titanenv import export
+
+    _, pretrained, _ = reference
+    base = export.cached_export(pretrained)
+    run_dir = site[0] / "runs" / "lora"
+    args = ["finetune", "--from", str(base), "--data", str(data), "--output-dir", str(run_dir), "--steps", "3",
+            *SHAPE, *SEED]  # fmt: skip
+    job, log_file = submit(slurm_cluster, root, site, "--nodes=1", script_args=args)
+    rec = slurm_cluster.wait(job, timeout=300)
+    log = log_file.read_text()
+    assert rec.ok, log[-5000:] + slurm_cluster.logs_tail()
+    assert "titanenv finetune" in log or "fine-tune: base" in log, log[-3000:]
+    assert "preflight ok" in log and "experiment.model" in log  # the base is proven to load offline on the node
+    worker = next((run_dir / "logs").glob("*/*/*/attempt_0/0/stdout.log")).read_text()
+    assert "LoRA r=8 alpha=16 on wqkv,wo,w1,w2,w3" in worker and "60 tensors in the optimizer" in worker
+    assert sorted(losses(worker)) == [1, 2, 3]
+    assert SECRET not in log + worker

@@ -1,7 +1,8 @@
-"""titanenv from Python: :func:`train`, :func:`evaluate` and :func:`generate`.
+"""titanenv from Python: :func:`train`, :func:`finetune`, :func:`evaluate` and :func:`generate`.
 
-Thin, typed wrappers over the stages, with the behaviour of ``titanenv train``, ``titanenv eval``
-and ``titanenv generate`` (the same checks, the same files, the same offline rules)::
+Thin, typed wrappers over the stages, with the behaviour of ``titanenv train``, ``titanenv
+finetune``, ``titanenv eval`` and ``titanenv generate`` (the same checks, the same files, the same
+offline rules)::
 
     from titanenv import api
 
@@ -31,7 +32,7 @@ from titanenv.train import checkpoints, control
 from titanenv.train.exitcodes import ExitCode
 from titanenv.train.settings import TrainArgs
 
-__all__ = ["EvalResults", "RunResult", "TrainingFailed", "evaluate", "generate", "train"]
+__all__ = ["EvalResults", "RunResult", "TrainingFailed", "evaluate", "finetune", "generate", "train"]
 
 EvalResults = MatrixResults
 """What :func:`evaluate` returns: ``rows`` (model, step, task, shots, metric, value, stderr), the
@@ -97,14 +98,18 @@ def train(
         TypeError: a flag that is not a ``TrainArgs`` field.
         TrainingFailed: the preflight or training failed (exit code 3 or torchrun's).
     """
-    from titanenv.train import runner
-
     args = TrainArgs(data=Path(data).absolute(), tokenizer=Path(tokenizer), output_dir=Path(output_dir).absolute(),
                      steps=steps, recipe=recipe, export_at_end=export_at_end, **flags)  # fmt: skip
     for suffix in (".bin", ".idx"):
         path = Path(f"{args.data}{suffix}")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file; create the dataset with `titanenv preprocess`")
+    return _run(args, export_at_end)
+
+
+def _run(args: TrainArgs, export_at_end: bool) -> RunResult:
+    from titanenv.train import runner
+
     rc, node = runner.run_here(args, config.load())
     if rc not in (ExitCode.DONE, ExitCode.STOPPED):
         raise TrainingFailed(rc, args.output_dir)
@@ -123,6 +128,47 @@ def train(
         checkpoint=decision.path,
         export=exported,
     )
+
+
+def finetune(
+    base: PathLike,
+    output_dir: PathLike,
+    *,
+    data: PathLike | None = None,
+    sft: PathLike | None = None,
+    steps: int | None = None,
+    recipe: str = "",
+    export_at_end: bool = False,
+    **flags: Any,
+) -> RunResult:
+    """LoRA fine-tune on this machine, as ``titanenv finetune`` without ``--submit``.
+
+    Args:
+        base: a Hugging Face Llama folder, a repo id in the local Hub cache, or a ``titanenv train``
+            run folder (exported first).
+        output_dir: run folder; an existing one resumes from its newest complete checkpoint.
+        data: tokenized dataset prefix (every token trains), or
+        sft: a JSONL of ``{"prompt", "response"}`` or ``{"messages"}`` lines (loss masked on the prompt).
+        steps: total optimizer steps. Default: the recipe's.
+        recipe: default ``titanenv_1b_lora`` for a Hugging Face base, ``RECIPE_lora`` for a run of ``RECIPE``.
+        export_at_end: write the PEFT adapter export of the final checkpoint.
+        flags: any other field of :class:`titanenv.finetune.FinetuneArgs` by name (``lora_rank``,
+            ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``seq_len``, ``batch_size``, ``extra``, ...).
+
+    Raises:
+        titanenv.finetune.FinetuneError: a bad setting, before anything starts (a ``ValueError``;
+            ``flag`` names the ``titanenv finetune`` flag): the base's config.json differs from the
+            recipe, no or both data arguments, a bad SFT line (``FILE:LINE``), bad LoRA settings.
+        TrainingFailed: the preflight or training failed (exit code 3 or torchrun's).
+    """
+    from titanenv.finetune import FinetuneArgs, check_data, resolve
+
+    args = FinetuneArgs(base=Path(base), output_dir=Path(output_dir).absolute(),
+                        data=None if data is None else Path(data).absolute(),
+                        sft=None if sft is None else Path(sft).absolute(), steps=steps, recipe=recipe,
+                        export_at_end=export_at_end, **flags)  # fmt: skip
+    check_data(args)
+    return _run(resolve(args), export_at_end)
 
 
 def evaluate(

@@ -21,6 +21,7 @@ from titanenv.container import cli as container_cli
 from titanenv.data import cli as data_cli
 from titanenv.eval import cli as eval_cli
 from titanenv.export import cli as export_cli
+from titanenv.finetune import cli as finetune_cli
 from titanenv.slurm import cli as slurm_cli
 from titanenv.train import cli as train_cli
 
@@ -82,6 +83,7 @@ app.add_typer(slurm_cli.app, name="slurm")
 app.command("doctor")(assets_cli.doctor)
 app.command("preprocess")(data_cli.preprocess)
 app.command("train")(train_cli.train)
+app.command("finetune")(finetune_cli.finetune)
 app.command("eval")(eval_cli.evaluate)
 app.command("export")(export_cli.export)
 app.command("generate")(eval_cli.generate)

@@ -9,10 +9,16 @@ spends most of its 37-73 s starting up; here that cost is paid once.
 A model is a run folder of ``titanenv train`` (its latest, ``step`` or ``steps`` complete
 checkpoints, exported on the fly by :func:`titanenv.export.cached_export` into
 ``RUN/export/step-N/``), such an exported folder, or any local Hugging Face folder (``config.json``).
-titanenv's data carry no BOS token, so titanenv models are scored with ``add_bos_token=False``;
-other folders keep their tokenizer's rule. Each cell's lm-eval results JSON is written to
-``OUT/lm_eval/MODEL/step-N[-DTYPE]/TASK/Kshot.json`` (DTYPE unless float32); a rerun with the same
-settings (the task's YAML contents among them) reuses it.
+A PEFT adapter folder (``adapter_config.json``: a LoRA run's export, ``RUN/export/step-N-adapter/``,
+which is also what a LoRA run folder exports to) is the pair of its base model
+(``base_model_name_or_path``, a local folder) and the adapter: the base is loaded by lm-eval's
+``HFLM`` and the adapter put on it with ``PeftModel.from_pretrained`` (not through ``HFLM(peft=)``,
+which shrinks the embedding to the tokenizer's length whenever they differ, as titanenv's padded
+vocabularies do: the scores' softmax would lose the padding rows, unlike the merged model's); the tokenizer is
+the adapter folder's when it has one. titanenv's data carry no BOS token, so titanenv models are
+scored with ``add_bos_token=False``; other folders keep their tokenizer's rule. Each cell's lm-eval
+results JSON is written to ``OUT/lm_eval/MODEL/step-N[-adapter][-DTYPE]/TASK/Kshot.json`` (DTYPE unless
+float32); a rerun with the same settings (the task's YAML contents among them) reuses it.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ __all__ = [
 ALL = lmeval.ALL
 DTYPES = ("float32", "bfloat16", "float16")
 CELLS_DIR = "lm_eval"
+PEFT_MARKER = "adapter_config.json"
+"""A PEFT adapter folder's config (``peft.utils.CONFIG_NAME``)."""
 TASKS_DIR = "tasks"
 
 
@@ -124,11 +132,13 @@ class ModelRef:
     run_dir: Path | None
     """The run folder to export ``step`` from, or None when ``hf_dir`` is already a Hugging Face folder."""
     hf_dir: Path | None
-    """The Hugging Face folder, or None until the run's checkpoint is exported."""
+    """The Hugging Face folder (for an adapter: its base model), or None until the run's checkpoint is exported."""
     titanenv: bool
     """Trained by titanenv: its data have no BOS token, so it is scored with ``add_bos_token=False``."""
     weights_dtype: str | None = None
     """The weights' dtype of a titanenv export (its marker's), else None; set for run folders by their export."""
+    peft: Path | None = None
+    """A PEFT adapter folder put on ``hf_dir`` (its base model), else None."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,11 @@ def resolve_models(
                 ModelRef(_label(source), source, s, source, None, titanenv=True)
                 for s in _run_steps(source, step, steps)
             ]
+        elif (source / PEFT_MARKER).is_file():
+            run, s = _export_of(source)
+            dtype = _export_dtype(source) if run is not None else None
+            base = _adapter_base(source)
+            refs.append(ModelRef(_label(run or source), source, s, None, base, run is not None, dtype, source))
         elif (source / HF_MARKER).is_file():
             run, s = _export_of(source)
             dtype = _export_dtype(source) if run is not None else None
@@ -238,9 +253,32 @@ def resolve_models(
         else:
             raise ModelNotFound(
                 f"{source}: not a model folder: expected a run folder of `titanenv train` ({CONFIG_RECORD}) "
-                f"or an exported / Hugging Face folder ({HF_MARKER}, weights, tokenizer)"
+                f"or an exported / Hugging Face folder ({HF_MARKER}, weights, tokenizer) or a PEFT adapter "
+                f"({PEFT_MARKER})"
             )
     return _unique_labels(refs)
+
+
+def _adapter_base(folder: Path) -> Path:
+    """The base model folder of PEFT adapter ``folder``: its ``base_model_name_or_path`` (a relative path is
+    taken from the working directory, as PEFT does).
+
+    Raises:
+        ModelNotFound: no base named, or not a local Hugging Face folder (nothing is downloaded).
+    """
+    try:
+        base = json.loads((folder / PEFT_MARKER).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not isinstance(base, str) or not base:
+        raise ModelNotFound(f"{folder}/{PEFT_MARKER}: names no base model (base_model_name_or_path)")
+    if not (Path(base) / HF_MARKER).is_file():
+        raise ModelNotFound(
+            f"{folder}: its base model {base} (base_model_name_or_path in {PEFT_MARKER}) is not a local Hugging Face "
+            f"folder ({HF_MARKER}); the adapter is evaluated on its base: put the base there, or evaluate the "
+            "merged model (`titanenv export --merge`)"
+        )
+    return Path(base)
 
 
 def _export_of(folder: Path) -> tuple[Path | None, int | None]:
@@ -275,7 +313,7 @@ def _unique_labels(refs: list[ModelRef]) -> list[ModelRef]:
     out = []
     for ref in refs:
         folders = seen.setdefault(ref.label, [])
-        home = (ref.run_dir or ref.hf_dir or ref.source).resolve()
+        home = (ref.run_dir or ref.peft or ref.hf_dir or ref.source).resolve()
         if ref.titanenv and ref.run_dir is None:
             home = (_export_of(ref.source)[0] or ref.source).resolve()
         if home not in folders:
@@ -393,7 +431,7 @@ def _run_model(
         reused = result is not None
         if result is None:
             if lm is None:
-                say(f"loading {_name(ref)} ({hf_dir})")
+                say(f"loading {_name(ref)} ({hf_dir}{f' + adapter {ref.peft}' if ref.peft else ''})")
                 lm = _load_lm(ref, config)
             say(f"{_name(ref)}: {task}, {shots}-shot")
             result = _evaluate(lm, task, shots, config, manager)
@@ -414,15 +452,19 @@ def _dtype_tag(ref: ModelRef, dtype: str) -> str:
 
 
 def _step_folder(ref: ModelRef, dtype: str) -> str:
-    """``step-N`` (``hf``: not a titanenv model), ``-DTYPE`` after it unless float32 throughout."""
+    """``step-N`` (``hf``: not a titanenv model), ``-adapter`` after it for a base-plus-adapter pair,
+    then ``-DTYPE`` unless float32 throughout."""
     tag = _dtype_tag(ref, dtype)
-    return (f"step-{ref.step}" if ref.step is not None else "hf") + ("" if tag == "float32" else f"-{tag}")
+    name = (f"step-{ref.step}" if ref.step is not None else "hf") + ("-adapter" if ref.peft is not None else "")
+    return name + ("" if tag == "float32" else f"-{tag}")
 
 
 def _model_name(ref: ModelRef, dtype: str) -> str:
-    """A model's name in the tables and plots: its label, with its dtype unless float32 throughout."""
+    """A model's name in the tables and plots: its label, with ``adapter`` for a base-plus-adapter pair and
+    its dtype unless float32 throughout (``run (adapter, bfloat16)``)."""
     tag = _dtype_tag(ref, dtype)
-    return ref.label if tag == "float32" else f"{ref.label} ({tag})"
+    tags = [t for t in ("adapter" if ref.peft is not None else "", "" if tag == "float32" else tag) if t]
+    return f"{ref.label} ({', '.join(tags)})" if tags else ref.label
 
 
 def _name(ref: ModelRef) -> str:
@@ -474,17 +516,19 @@ def _exported(ref: ModelRef, dtype: str, say: Callable[[str], None]) -> ModelRef
 
     say(f"exporting {ref.run_dir} step {ref.step} (cached in RUN/export/)")
     weights = dtype if dtype in DTYPES else "float32"
-    hf_dir = cached_export(ref.run_dir, step=ref.step, dtype=weights)
+    hf_dir = cached_export(ref.run_dir, step=ref.step, dtype=weights)  # a LoRA run: its adapter
+    if (hf_dir / PEFT_MARKER).is_file():
+        return ModelRef(**{**ref.__dict__, "hf_dir": _adapter_base(hf_dir), "weights_dtype": weights, "peft": hf_dir})
     return ModelRef(**{**ref.__dict__, "hf_dir": hf_dir, "weights_dtype": weights})
 
 
 def _settings(ref: ModelRef, hf_dir: Path, task: str, shots: int, config: MatrixConfig, manager: Any) -> dict[str, Any]:
-    """What a cell's result depends on; an earlier JSON with the same settings is reused."""
-    weights = sorted(hf_dir.glob("*.safetensors")) or sorted(hf_dir.glob("*.bin"))
-    return {
+    """What a cell's result depends on; an earlier JSON with the same settings is reused. An adapter adds
+    ``peft`` and ``peft_weights`` (absent otherwise, so the cells of other models keep their key)."""
+    settings = {
         "model": ref.label,
         "hf_dir": str(hf_dir.resolve()),
-        "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights],
+        "weights": _weight_files(hf_dir),
         "step": ref.step,
         "task": task,
         "task_yaml_sha256": _task_digest(manager, task),
@@ -494,6 +538,14 @@ def _settings(ref: ModelRef, hf_dir: Path, task: str, shots: int, config: Matrix
         "add_bos_token": False if ref.titanenv else None,
         "lm_eval": _lm_eval_version(),
     }
+    if ref.peft is not None:
+        settings.update(peft=str(ref.peft.resolve()), peft_weights=_weight_files(ref.peft))
+    return settings
+
+
+def _weight_files(folder: Path) -> list[list[Any]]:
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]
 
 
 def _task_digest(manager: Any, task: str) -> str | None:
@@ -539,15 +591,33 @@ def _reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _load_lm(ref: ModelRef, config: MatrixConfig) -> Any:
+    """lm-eval's ``HFLM`` of ``ref``: its Hugging Face folder, or its adapter's base with the adapter on it."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(
+    own_tokenizer = ref.peft is not None and any(
+        (ref.peft / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")
+    )
+    # The adapter was trained at its run's sequence length (its tokenizer_config's model_max_length);
+    # the base's config.json has the base's. lm-eval's rolling windows must use the adapter's, as the merged model does.
+    max_length = None
+    if own_tokenizer and ref.peft is not None and (ref.peft / "tokenizer_config.json").is_file():
+        found = json.loads((ref.peft / "tokenizer_config.json").read_text()).get("model_max_length")
+        max_length = int(found) if isinstance(found, int) and found < 10**9 else None
+    lm = HFLM(
         pretrained=str(ref.hf_dir),
+        tokenizer=str(ref.peft) if own_tokenizer else None,
         device=config.device,
         dtype=config.dtype,
         batch_size=config.batch_size,
         add_bos_token=False if ref.titanenv else None,
+        max_length=max_length,
     )
+    if ref.peft is not None:  # not HFLM(peft=): see the module docstring
+        from peft import PeftModel
+
+        lm._model = PeftModel.from_pretrained(lm.model, str(ref.peft)).eval()
+        lm.peft = str(ref.peft)  # what lm-eval records of the model
+    return lm
 
 
 def _evaluate(lm: Any, task: str, shots: int, config: MatrixConfig, manager: Any) -> dict[str, Any]:

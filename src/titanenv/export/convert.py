@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from titanenv.train import checkpoints
-from titanenv.train.model import RunRecord, latest_checkpoint, read_run_record
+from titanenv.train.model import RunRecord, latest_checkpoint, read_run_record, run_config
 
 __all__ = ["ExportRefused", "LoadedState", "hf_config", "load_state", "resolve_checkpoint", "to_hf"]
 
@@ -77,16 +77,8 @@ def resolve_checkpoint(run_dir: str | os.PathLike[str], step: int | None = None)
 
 def _model_config(run: RunRecord) -> tuple[Any, Any]:
     """The run's model config, built as :func:`titanenv.train.model.load_model` builds it, and its adapter."""
-    # Imported here, as in load_model: torchtitan's models take seconds to import, and every `titanenv`
-    # command imports this package through its CLI.
-    from titanenv.train.recipes import load_recipe, set_vocab_size, use_causal_sdpa
-
-    config = load_recipe(run.recipe)
-    set_vocab_size(config, run.vocab_size)
-    config.training.seq_len = run.seq_len
-    use_causal_sdpa(config.model_spec)
+    config = run_config(run)
     model_config = config.model_spec.model
-    model_config.update_from_config(config=config)
     adapter_cls = config.model_spec.state_dict_adapter
     if adapter_cls is None:
         raise ValueError(f"recipe {run.recipe}: model {config.model_spec.name} has no Hugging Face state dict adapter")
@@ -182,7 +174,7 @@ def hf_config(model_config: Any, state: dict[str, torch.Tensor], seq_len: int) -
     layers = model_config.layers
     attn = layers[0].attention
     rope = attn.rope
-    if type(rope) is not ComplexRoPE.Config:
+    if not isinstance(rope, ComplexRoPE.Config):  # LoRA runs: the frozen subclass LoRAConverter builds
         raise ValueError(f"RoPE {type(rope).__qualname__}: the export handles TorchTitan's ComplexRoPE only")
     shapes = [[tuple(t.shape) for k, t in state.items() if k.startswith(f"layers.{i}.")] for i in range(len(layers))]
     if any(s != shapes[0] for s in shapes):

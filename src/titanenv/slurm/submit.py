@@ -52,18 +52,28 @@ class Submission:
     example: dict[str, str] = field(default_factory=dict)
     torchrun: list[str] = field(default_factory=list)
     torchrun_env: dict[str, str] = field(default_factory=dict)
+    command: str = "train"
+    """The ``titanenv`` subcommand of the job: ``train``, or ``finetune`` (then the script's first argument)."""
+
+    @property
+    def script_args(self) -> list[str]:
+        """The arguments after the script: ``finetune`` first for a fine-tune, then the flags."""
+        return self.job_args if self.command == "train" else [self.command, *self.job_args]
 
     @property
     def sbatch_argv(self) -> list[str]:
-        return ["sbatch", str(self.script_path), *self.job_args]
+        return ["sbatch", str(self.script_path), *self.script_args]
 
     @property
     def srun_argv(self) -> list[str]:
-        return ["srun", *SRUN_OPTIONS, str(self.root / "container_run.sh"), "titanenv", "train", *self.job_args]
+        return ["srun", *SRUN_OPTIONS, str(self.root / "container_run.sh"), "titanenv", self.command, *self.job_args]
 
 
-def prepare(args: TrainArgs, spec: JobSpec, site: configlib.Resolved) -> Submission:
-    """Render the script for ``spec`` and build the commands of the job for an example allocation."""
+def prepare(args: TrainArgs, spec: JobSpec, site: configlib.Resolved, *, command: str = "train") -> Submission:
+    """Render the script for ``spec`` and build the commands of the job for an example allocation.
+
+    ``command``: ``train``, or ``finetune`` for :class:`titanenv.finetune.FinetuneArgs` ``args``.
+    """
     resolved = spec.resolved()
     root = site.config.root
     script = render(resolved)
@@ -85,6 +95,7 @@ def prepare(args: TrainArgs, spec: JobSpec, site: configlib.Resolved) -> Submiss
         example=example,
         torchrun=list(job.command),
         torchrun_env=dict(sorted(added.items())),
+        command=command,
     )
 
 
@@ -99,7 +110,7 @@ def dry_run_text(sub: Submission) -> str:
         shlex.join(sub.sbatch_argv),
         "# the batch script then runs, once per node:",
         shlex.join(sub.srun_argv),
-        f"# and titanenv train on each node runs, e.g. on {sub.example['SLURMD_NODENAME']} of job "
+        f"# and titanenv {sub.command} on each node runs, e.g. on {sub.example['SLURMD_NODENAME']} of job "
         f"{sub.example['SLURM_JOB_ID']} on {nodes} (the port follows the job id), with {env or 'no extra variables'}:",
         shlex.join(sub.torchrun),
         "",
@@ -116,7 +127,7 @@ def test_only(sub: Submission, sbatch: str, env: Mapping[str, str] | None = None
     with tempfile.TemporaryDirectory(prefix="titanenv-submit-") as tmp:
         script = Path(tmp, "train.sbatch")
         script.write_text(sub.script)
-        return sbatchlib.test_only([str(script), *sub.job_args], sbatch=sbatch, cwd=sub.root,
+        return sbatchlib.test_only([str(script), *sub.script_args], sbatch=sbatch, cwd=sub.root,
                                    env=_sbatch_env(sub, env))  # fmt: skip
 
 
@@ -134,5 +145,5 @@ def submit(sub: Submission, sbatch: str | None = None, env: Mapping[str, str] | 
     sub.script_path.parent.mkdir(parents=True, exist_ok=True)
     sub.script_path.write_text(sub.script)
     (sub.root / Path(sub.spec.output).parent).mkdir(parents=True, exist_ok=True)
-    return sbatchlib.submit([str(sub.script_path), *sub.job_args], sbatch=sbatch, cwd=sub.root,
+    return sbatchlib.submit([str(sub.script_path), *sub.script_args], sbatch=sbatch, cwd=sub.root,
                             env=_sbatch_env(sub, env), what=str(sub.script_path))  # fmt: skip

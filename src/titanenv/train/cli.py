@@ -23,10 +23,13 @@ from titanenv.train import job, settings
 from titanenv.train.rundir import stage_tokenizer
 from titanenv.train.settings import SubmitArgs, TrainArgs
 
-__all__ = ["make_train", "stage_tokenizer", "train"]
+__all__ = ["check_data", "launch", "make_train", "stage_tokenizer", "train"]
 
 
-def _check_data(prefix: Path) -> None:
+def check_data(prefix: Path | None) -> None:
+    if prefix is None:
+        raise typer.BadParameter("no training data: pass --data PREFIX (from `titanenv preprocess`)",
+                                 param_hint="--data")  # fmt: skip
     for p in (bin_path(prefix), idx_path(prefix)):
         if not p.is_file():
             raise typer.BadParameter(
@@ -55,8 +58,17 @@ def _train(args: TrainArgs, opts: SubmitArgs) -> None:
     lack the completion marker is refused (exit 3) rather than overwritten: resume with
     --resume-from step-N --trust-unmarked, or pass a new --output-dir.
     """
+    check_data(args.data)
+    launch(args, opts)
+
+
+def launch(args: TrainArgs, opts: SubmitArgs, command: str = "train") -> None:
+    """Submit, dry-run or run ``args`` here (the body of ``titanenv train`` once its data is checked).
+
+    ``command``: the ``titanenv`` subcommand the batch job runs with ``args.argv()`` (``train``
+    or ``finetune``), through the same sbatch script.
+    """
     _check_trust(args)
-    _check_data(args.data)
     site = config.load(strict=opts.submit)  # submitting: a misspelt TITANENV_* name is an error
     if opts.submit:
         spec = JobSpec(
@@ -65,7 +77,7 @@ def _train(args: TrainArgs, opts: SubmitArgs) -> None:
             max_requeues=opts.max_requeues, stop_before_limit_s=opts.stop_before_limit,
             output=f"{args.output_dir.absolute()}/logs/%x-%j.out",
         )  # fmt: skip
-        _submit(submitlib.prepare(args, spec, site), opts.dry_run)
+        _submit(submitlib.prepare(args, spec, site, command=command), opts.dry_run)
         return
     # Imported here: the runner loads torch, which is slow to import, and no other `titanenv` command needs it.
     from titanenv.train import runner

@@ -110,12 +110,24 @@ class HangWatchdog:
         faulthandler.cancel_dump_traceback_later()
 
 
-def write_status(path: str | os.PathLike[str], *, state: str, step: int, steps: int, reason: str = "") -> None:
-    """Record how training ended (``state``: ``completed`` or ``stopped``) for ``titanenv train``."""
-    write_json_atomic(
-        path,
-        {"state": state, "step": step, "steps": steps, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-    )
+def write_status(
+    path: str | os.PathLike[str],
+    *,
+    state: str,
+    step: int,
+    steps: int,
+    reason: str = "",
+    parameters: dict[str, int] | None = None,
+) -> None:
+    """Record how training ended (``state``: ``completed`` or ``stopped``) for ``titanenv train``.
+
+    ``parameters``: trainable/frozen counts of a LoRA run (:func:`titanenv.train.lora.parameter_counts`).
+    """
+    status: dict[str, object] = {"state": state, "step": step, "steps": steps, "reason": reason,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    if parameters is not None:
+        status["parameters"] = parameters
+    write_json_atomic(path, status)
 
 
 def read_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:

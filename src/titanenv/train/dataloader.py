@@ -19,6 +19,10 @@ Plug-in point: TorchTitan builds ``config.dataloader`` with
 ``build(dp_world_size=, dp_rank=, tokenizer=, seq_len=, local_batch_size=,
 snapshot_every_n_steps=)``; ``seq_len`` and the batch size therefore come from
 ``--training.seq-len`` / ``--training.local-batch-size``, not from this config.
+
+With ``sft_path`` set (``--dataloader.sft-path FILE.jsonl``, what ``titanenv finetune --sft``
+passes) the same loader serves instruction data instead: packed, prompt-masked examples
+from :class:`titanenv.train.sft.SFTDataset`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torchtitan.tools.logging import logger
 from titanenv.data import manifest as manifestlib
 from titanenv.data import tokenizer as toklib
 from titanenv.data.indexed import IndexedDataset, bin_path, idx_path
+from titanenv.train import sft
 
 __all__ = [
     "MegatronDataloader",
@@ -223,7 +228,9 @@ class MegatronDataloader(ParallelAwareDataloader):  # type: ignore[misc]  # torc
     """TorchTitan dataloader over a Megatron ``.bin/.idx`` dataset (see module docstring).
 
     Batches are ``({"input": int64[B, L], ["positions": int64[B, L]]}, labels int64[B, L])``
-    with ``B = local_batch_size``.
+    with ``B = local_batch_size``; ``positions`` only with ``document_positions``. With
+    ``sft_path`` the samples come from :class:`~titanenv.train.sft.SFTDataset` (labels
+    ``-100`` on prompts and padding) instead of :class:`TokenWindowDataset`.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -245,6 +252,11 @@ class MegatronDataloader(ParallelAwareDataloader):  # type: ignore[misc]  # torc
         """End-of-document token separating documents (only used with document_positions).
         Empty: the EOD id in PATH.manifest.json (from `titanenv preprocess`), else the tokenizer's EOS."""
 
+        sft_path: str = ""
+        """JSONL of prompt/response or messages (titanenv finetune --sft); when set, `path` is not used.
+        Examples are packed and prompt-masked (titanenv.train.sft); path, shuffle, seed and eod_token
+        do not apply, and the tokenizer's EOS ends each example."""
+
     def __init__(
         self,
         config: Config,
@@ -257,41 +269,11 @@ class MegatronDataloader(ParallelAwareDataloader):  # type: ignore[misc]  # torc
         snapshot_every_n_steps: int | None = 1,
         **kwargs: Any,
     ) -> None:
-        if not config.path:
-            raise ValueError(
-                "no dataset given: pass --dataloader.path PREFIX (the output prefix of `titanenv preprocess`)"
-            )
-        tokenizer_dir = getattr(tokenizer, "tokenizer_path", None)  # HuggingFaceTokenizer keeps its folder
-        if tokenizer_dir is not None:
-            # Raises TokenizerMismatch when the data was made with another tokenizer.json.
-            manifest = manifestlib.check_tokenizer(config.path, toklib.load(tokenizer_dir))
-            if manifest is None:
-                logger.warning(f"{config.path}: no {manifestlib.SUFFIX}; cannot check it matches the tokenizer")
+        dataset: TokenWindowDataset | sft.SFTDataset
+        if config.sft_path:
+            dataset = _sft_dataset(config, tokenizer, seq_len, dp_rank, dp_world_size)
         else:
-            manifest = manifestlib.read(config.path)
-        eod_id = None
-        if config.document_positions:
-            if tokenizer_dir is None and (manifest is None or manifest.tokenizer.eod_id is None):
-                raise ValueError("document_positions needs the EOD id: a data manifest or a tokenizer folder")
-            eod_id = resolve_eod_id(tokenizer_dir or "", config.eod_token, manifest)
-            if manifest is not None and not manifest.append_eod:
-                logger.warning(
-                    f"{config.path} was preprocessed without --append-eod: documents run together "
-                    "and attention is masked only at window starts"
-                )
-        dataset = TokenWindowDataset(
-            config.path,
-            seq_len,
-            dp_rank,
-            dp_world_size,
-            shuffle=config.shuffle,
-            seed=config.seed,
-            eod_id=eod_id,
-        )
-        logger.info(
-            f"Megatron data {config.path}: {dataset._tokens.size:,} tokens, "
-            f"{dataset.windows_per_rank:,} windows of {seq_len} per dp rank ({dp_world_size} ranks)"
-        )
+            dataset = _megatron_dataset(config, tokenizer, seq_len, dp_rank, dp_world_size)
         super().__init__(
             dataset,
             dp_rank=dp_rank,
@@ -303,3 +285,82 @@ class MegatronDataloader(ParallelAwareDataloader):  # type: ignore[misc]  # torc
             prefetch_factor=config.prefetch_factor,
             snapshot_every_n_steps=snapshot_every_n_steps,
         )
+
+
+def _megatron_dataset(
+    config: MegatronDataloader.Config,
+    tokenizer: BaseTokenizer | None,
+    seq_len: int,
+    dp_rank: int,
+    dp_world_size: int,
+) -> TokenWindowDataset:
+    """The token windows of ``config.path``, checked against the tokenizer and its manifest."""
+    if not config.path:
+        raise ValueError("no dataset given: pass --dataloader.path PREFIX (the output prefix of `titanenv preprocess`)")
+    tokenizer_dir = getattr(tokenizer, "tokenizer_path", None)  # HuggingFaceTokenizer keeps its folder
+    if tokenizer_dir is not None:
+        # Raises TokenizerMismatch when the data was made with another tokenizer.json.
+        manifest = manifestlib.check_tokenizer(config.path, toklib.load(tokenizer_dir))
+        if manifest is None:
+            logger.warning(f"{config.path}: no {manifestlib.SUFFIX}; cannot check it matches the tokenizer")
+    else:
+        manifest = manifestlib.read(config.path)
+    eod_id = None
+    if config.document_positions:
+        if tokenizer_dir is None and (manifest is None or manifest.tokenizer.eod_id is None):
+            raise ValueError("document_positions needs the EOD id: a data manifest or a tokenizer folder")
+        eod_id = resolve_eod_id(tokenizer_dir or "", config.eod_token, manifest)
+        if manifest is not None and not manifest.append_eod:
+            logger.warning(
+                f"{config.path} was preprocessed without --append-eod: documents run together "
+                "and attention is masked only at window starts"
+            )
+    dataset = TokenWindowDataset(
+        config.path,
+        seq_len,
+        dp_rank,
+        dp_world_size,
+        shuffle=config.shuffle,
+        seed=config.seed,
+        eod_id=eod_id,
+    )
+    logger.info(
+        f"Megatron data {config.path}: {dataset._tokens.size:,} tokens, "
+        f"{dataset.windows_per_rank:,} windows of {seq_len} per dp rank ({dp_world_size} ranks)"
+    )
+    return dataset
+
+
+def _sft_dataset(
+    config: MegatronDataloader.Config,
+    tokenizer: BaseTokenizer | None,
+    seq_len: int,
+    dp_rank: int,
+    dp_world_size: int,
+) -> sft.SFTDataset:
+    """The packed SFT examples of ``config.sft_path`` (read and validated first)."""
+    if getattr(tokenizer, "tokenizer_path", None) is None:
+        raise ValueError(
+            "--dataloader.sft-path needs the Hugging Face tokenizer folder (--hf-assets-path FOLDER) "
+            "to tokenize the examples"
+        )
+    if config.num_workers > 0:
+        # ChatDataset does not split its examples between DataLoader workers: each would yield them all.
+        raise ValueError(
+            f"--dataloader.sft-path packs examples in the training process; set --dataloader.num-workers 0 "
+            f"(got {config.num_workers})"
+        )
+    if config.path:
+        logger.warning(
+            f"--dataloader.sft-path {config.sft_path} is set, so --dataloader.path {config.path} is not used"
+        )
+    records = sft.read_sft(config.sft_path)
+    return sft.SFTDataset(
+        records,
+        tokenizer,
+        seq_len,
+        dp_rank,
+        dp_world_size,
+        positions=config.document_positions,
+        source=config.sft_path,
+    )

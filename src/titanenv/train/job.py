@@ -60,8 +60,14 @@ class NodeRun:
 
     @property
     def data(self) -> tuple[Path, ...]:
-        """Dataset prefixes (provenance, preflight)."""
-        return (self.args.data,)
+        """Dataset prefixes (provenance, preflight); none for a run on ``--sft`` data."""
+        return () if self.args.data is None else (self.args.data,)
+
+    @property
+    def base_model(self) -> Path | None:
+        """The Hugging Face folder a fine-tune starts from (``titanenv finetune --from``), else None."""
+        base = getattr(self.args, "base", None)  # FinetuneArgs (titanenv.finetune) adds this row
+        return Path(base) if base is not None else None
 
     @property
     def settings(self) -> dict[str, object]:
@@ -69,7 +75,7 @@ class NodeRun:
         return settings.record(self.args)
 
 
-RECIPE_SEQ_LEN = {"titanenv_debug": 512, "titanenv_1b": 2048}
+RECIPE_SEQ_LEN = {"titanenv_debug": 512, "titanenv_1b": 2048, "titanenv_debug_lora": 512, "titanenv_1b_lora": 2048}
 """Default ``--training.seq-len`` of each recipe (used by :mod:`titanenv.train.recipes`; here without torch)."""
 
 
@@ -87,12 +93,9 @@ def effective_seq_len(recipe: str, seq_len: int | None, extra: Sequence[str]) ->
 
 def titan_overrides(args: TrainArgs, tokenizer_dir: Path) -> list[str]:
     """TorchTitan's flags for ``args``: the run's paths, then every row of the table that maps to one."""
-    return [
-        "--hf-assets-path", str(tokenizer_dir),
-        "--dump-folder", str(args.output_dir),
-        "--dataloader.path", str(args.data),
-        *settings.titan_args(args),
-    ]  # fmt: skip
+    data = [] if args.data is None else ["--dataloader.path", str(args.data)]
+    return ["--hf-assets-path", str(tokenizer_dir), "--dump-folder", str(args.output_dir), *data,
+            *settings.titan_args(args)]  # fmt: skip
 
 
 def plan(args: TrainArgs, env: Mapping[str, str], *, cuda_devices: int, rdzv_host: str) -> LaunchPlan:
@@ -152,8 +155,8 @@ def node_run(
         torchrun: the torchrun executable; default the one beside this Python.
     """
     machine = site.config.profile if site else configlib.MACHINES["local"]
-    args = replace(args, data=args.data.absolute(), tokenizer=args.tokenizer.absolute(),
-                   output_dir=args.output_dir.absolute())  # fmt: skip
+    args = replace(args, data=None if args.data is None else args.data.absolute(),
+                   tokenizer=args.tokenizer.absolute(), output_dir=args.output_dir.absolute())  # fmt: skip
     run = RunDir(args.output_dir, attempt_id(env))
     node = node_name(env)
     stop_file = Path(env.get("TITANENV_STOP_FILE") or run.provenance / "stop")

@@ -14,12 +14,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from titanenv.train import checkpoints
+from titanenv.train.lora import LoraOptions
 
-__all__ = ["RunRecord", "latest_checkpoint", "load_model", "read_run_record"]
+__all__ = ["RunRecord", "latest_checkpoint", "load_model", "read_run_record", "run_config"]
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,16 @@ class RunRecord:
         vocab_size: model vocabulary (rows of the embedding).
         seq_len: training sequence length in tokens (RoPE cache size).
         tokenizer_dir: folder with ``tokenizer.json``.
+        lora: the LoRA adapters of a fine-tune (None: no adapters).
+        base_model: the Hugging Face folder a fine-tune started from (``--checkpoint.initial-load-path``).
     """
 
     recipe: str
     vocab_size: int
     seq_len: int
     tokenizer_dir: Path
+    lora: LoraOptions | None = None
+    base_model: Path | None = None
 
 
 def read_run_record(output_dir: str | os.PathLike[str]) -> RunRecord:
@@ -57,12 +63,35 @@ def read_run_record(output_dir: str | os.PathLike[str]) -> RunRecord:
     cfg = json.loads(path.read_text())
     if not cfg.get("recipe"):
         raise ValueError(f"{path}: no 'recipe' entry; the run did not use a titanenv.train.recipes config")
+    lora = cfg.get("lora") or {}
+    base = (cfg.get("checkpoint") or {}).get("initial_load_path")
     return RunRecord(
         recipe=cfg["recipe"],
         vocab_size=int(cfg["vocab_size"]),
         seq_len=int(cfg["training"]["seq_len"]),
         tokenizer_dir=Path(cfg["hf_assets_path"]),
+        lora=LoraOptions(**lora) if int(lora.get("rank", 0)) > 0 else None,
+        base_model=Path(base) if base else None,
     )
+
+
+def run_config(run: RunRecord) -> Any:
+    """The run's recipe config as it trained (vocabulary, ``seq_len``, LoRA adapters), with causal SDPA.
+
+    ``config.model_spec.model`` is ready to build on one CPU process.
+    """
+    from titanenv.train import lora
+    from titanenv.train.recipes import load_recipe, set_vocab_size, use_causal_sdpa
+
+    config = load_recipe(run.recipe)
+    set_vocab_size(config, run.vocab_size)
+    config.training.seq_len = run.seq_len
+    use_causal_sdpa(config.model_spec)  # FlexAttention has no CPU path worth using here
+    if run.lora is not None:
+        config.lora = run.lora
+        config.model_spec.model = lora.convert(config.model_spec.model, run.lora)
+    config.model_spec.model.update_from_config(config=config)
+    return config
 
 
 def latest_checkpoint(output_dir: str | os.PathLike[str], folder: str = "checkpoint") -> tuple[int, Path]:
@@ -97,8 +126,6 @@ def load_model(
     """
     import torch.distributed.checkpoint as dcp
 
-    from titanenv.train.recipes import load_recipe, set_vocab_size, use_causal_sdpa
-
     run = read_run_record(output_dir)
     if step is None:
         step, ckpt = latest_checkpoint(output_dir)
@@ -108,12 +135,7 @@ def load_model(
         if state is None or not state.complete:
             reason = state.reason if state else "no such folder"
             raise FileNotFoundError(f"{ckpt}: not a complete checkpoint ({reason})")
-    config = load_recipe(run.recipe)
-    set_vocab_size(config, run.vocab_size)
-    config.training.seq_len = run.seq_len
-    use_causal_sdpa(config.model_spec)  # FlexAttention has no CPU path worth using here
-    model_config = config.model_spec.model
-    model_config.update_from_config(config=config)
+    model_config = run_config(run).model_spec.model
     with torch.device("meta"):
         model = model_config.build()
     model.to_empty(device="cpu")

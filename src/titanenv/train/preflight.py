@@ -130,6 +130,7 @@ class PreflightConfig:
         gpus: CUDA devices this node must have (0: a CPU node, no GPU check).
         tokenizer: the tokenizer folder or file the run loads (None: not checked).
         data: tokenized dataset prefixes the run reads.
+        model: the Hugging Face folder a fine-tune loads its base weights from (None: not checked).
         timeout_s: seconds the rendezvous check waits for all nodes.
         assets: run the offline asset check.
         seq_len: tokens per training sample (the data must hold ``seq_len + 1``); None: not checked.
@@ -146,6 +147,7 @@ class PreflightConfig:
     gpus: int = 0
     tokenizer: Path | None = None
     data: Sequence[Path] = ()
+    model: Path | None = None
     timeout_s: float = 120.0
     assets: bool = True
     seq_len: int | None = None
@@ -238,11 +240,12 @@ def check_filesystem(node: str, run: RunDir) -> tuple[Finding, list[int]]:
     return Finding(node, "filesystem", True, f"{run.root} writable; {seen}"), steps
 
 
-def check_assets(node: str, tokenizer: Path | None, data: Sequence[Path]) -> list[Finding]:
-    """``titanenv doctor --offline`` for the tokenizer and data: each loads with the network cut."""
-    if tokenizer is None and not data:
+def check_assets(node: str, tokenizer: Path | None, data: Sequence[Path], model: Path | None = None) -> list[Finding]:
+    """``titanenv doctor --offline`` for the tokenizer, data and base model: each loads with the network cut."""
+    if tokenizer is None and not data and model is None:
         return []
-    experiment = assetspec.Experiment(tokenizer=str(tokenizer) if tokenizer else None, data=[str(p) for p in data])
+    experiment = assetspec.Experiment(tokenizer=str(tokenizer) if tokenizer else None, data=[str(p) for p in data],
+                                      model=str(model) if model else None)  # fmt: skip
     home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     try:
         found, how = doctor.diagnose(experiment, planlib.build(None), None, home, "auto")
@@ -696,7 +699,7 @@ def run(cfg: PreflightConfig) -> Report:
     if cfg.gpus > 0:
         own.append(check_gpus(cfg.node, cfg.gpus))
     if cfg.assets:
-        own += check_assets(cfg.node, cfg.tokenizer, cfg.data)
+        own += check_assets(cfg.node, cfg.tokenizer, cfg.data, cfg.model)
     # Cheap checks on every node; the token-id scan (data without a manifest) only on the first.
     own += check_data(cfg.node, cfg.run, cfg.data, cfg.tokenizer, seq_len=cfg.seq_len, scan=cfg.node_index == 0)
     if cfg.rdzv_endpoint is None:  # torchrun --standalone meets at localhost

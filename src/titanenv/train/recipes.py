@@ -20,6 +20,14 @@ Recipes:
     checkpointing, FlexAttention with per-document masks, seq_len 2048, batch 4 per
     GPU, AdamW lr 3e-4 with 500 warmup steps and cosine decay, checkpoint every 500
     steps. Not exercised here (no GPU).
+``titanenv_debug_lora``
+    ``titanenv_debug`` with LoRA adapters (r 8, alpha 16, on wqkv, wo, w1, w2, w3), AdamW lr
+    1e-3 without weight decay, 20 steps, base weights read from Hugging Face safetensors
+    (``--checkpoint.initial-load-path HF_DIR``, which ``titanenv finetune --from`` sets).
+``titanenv_1b_lora``
+    Llama-3.2-1B for LoRA fine-tuning: ``titanenv_1b`` with Llama-3.2-1B's RoPE scaling
+    (llama3, factor 32), LoRA r 16, alpha 32 on every block Linear, AdamW lr 2e-4 without weight
+    decay, 50 warmup steps, 1000 steps, checkpoint every 200, base from Hugging Face safetensors.
 
 Vocabulary: the model's embedding/output size is ``--vocab-size``; the default 0
 means "the tokenizer's vocabulary (with added tokens) rounded up to a multiple of
@@ -43,6 +51,8 @@ once there are two or more data-parallel ranks).
 
 from __future__ import annotations
 
+import logging
+
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
@@ -57,6 +67,7 @@ from titanenv.train import cpu
 from titanenv.train.checkpointer import MarkedCheckpointManager
 from titanenv.train.dataloader import MegatronDataloader
 from titanenv.train.job import RECIPE_SEQ_LEN
+from titanenv.train.lora import LoraOptions
 from titanenv.train.trainer import TitanenvConfig
 from titanenv.train.vocab import VOCAB_MULTIPLE, padded_vocab_size, set_vocab_size, tokenizer_vocab_size
 
@@ -69,7 +80,9 @@ __all__ = [
     "recipe_names",
     "set_vocab_size",
     "titanenv_1b",
+    "titanenv_1b_lora",
     "titanenv_debug",
+    "titanenv_debug_lora",
     "tokenizer_vocab_size",
     "use_causal_sdpa",
 ]
@@ -177,9 +190,38 @@ def titanenv_1b() -> TitanenvConfig:
     return _adapt_to_host(config)
 
 
+def _lora(config: TitanenvConfig, recipe: str, lora: LoraOptions, lr: float) -> TitanenvConfig:
+    """``config`` as a LoRA fine-tune: adapters, base weights from Hugging Face, no weight decay."""
+    config.recipe = recipe
+    config.lora = lora
+    config.optimizer = default_adamw(lr=lr, weight_decay=0.0)
+    config.checkpoint.initial_load_in_hf = True  # the base: --checkpoint.initial-load-path HF_DIR
+    config.checkpoint.initial_load_model_only = True
+    return config
+
+
+def titanenv_debug_lora() -> TitanenvConfig:
+    """``titanenv_debug`` with LoRA adapters, fine-tuning Hugging Face weights (CPU ok)."""
+    config = _lora(titanenv_debug(), "titanenv_debug_lora", LoraOptions(rank=8, alpha=16.0), lr=1e-3)
+    config.training.steps = 20
+    config.lr_scheduler.warmup_steps = 2
+    return config
+
+
+def titanenv_1b_lora() -> TitanenvConfig:
+    """Llama-3.2-1B (RoPE llama3 factor 32, tied embeddings) LoRA fine-tune for GPU nodes."""
+    config = _lora(titanenv_1b(), "titanenv_1b_lora", LoraOptions(rank=16, alpha=32.0), lr=2e-4)
+    for layer in config.model_spec.model.layers:
+        layer.attention.rope.scaling_factor = 32.0  # Llama-3.2-1B's config.json
+    config.training.steps = 1000
+    config.lr_scheduler.warmup_steps = 50
+    config.checkpoint.interval = 200
+    return config
+
+
 def recipe_names() -> list[str]:
     """Names accepted by ``--config``."""
-    return ["titanenv_debug", "titanenv_1b"]
+    return ["titanenv_debug", "titanenv_1b", "titanenv_debug_lora", "titanenv_1b_lora"]
 
 
 def load_recipe(name: str) -> TitanenvConfig:
@@ -190,5 +232,24 @@ def load_recipe(name: str) -> TitanenvConfig:
     """
     if name not in recipe_names():
         raise ValueError(f"unknown recipe {name!r}; choose one of {recipe_names()}")
-    config: TitanenvConfig = globals()[name]()
+    # Read outside training (eval, export, finetune's checks), a recipe has no initial load path yet; TorchTitan
+    # warns about that default on every build. Training itself builds the config through tyro, not here.
+    quiet = _Without("initial_load_model_only=True has no effect")
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        config: TitanenvConfig = globals()[name]()
+    finally:
+        root.removeFilter(quiet)
     return config
+
+
+class _Without(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)

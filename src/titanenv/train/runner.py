@@ -64,6 +64,7 @@ def _preflight(job: NodeRun) -> bool:
         gpus=job.gpus,
         tokenizer=job.tokenizer,
         data=job.data,
+        model=job.base_model,
         timeout_s=job.args.preflight_timeout_s,
         seq_len=job.seq_len,
         resume_from=job.args.resume_from,

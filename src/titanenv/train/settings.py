@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import keyword
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,7 +100,8 @@ class Row:
         """The Python (typer) parameter name: the flag's, e.g. ``preflight_timeout`` for ``--preflight-timeout``."""
         if self.flag is None:
             return self.name
-        return self.flag.split("/")[0].lstrip("-").replace("-", "_")
+        name = self.flag.split("/")[0].lstrip("-").replace("-", "_")
+        return self.name if keyword.iskeyword(name) else name  # --from: parameter `base`
 
     @property
     def is_switch(self) -> bool:
@@ -189,12 +191,13 @@ def argv(values: Any) -> list[str]:
 
 
 def titan_args(values: Any) -> list[str]:
-    """``TITAN_FLAG VALUE`` for every row that maps to a TorchTitan flag and is set, in table order."""
+    """``TITAN_FLAG VALUE`` for every row that maps to a TorchTitan flag and is set, in table order
+    (a tuple value gives ``TITAN_FLAG V1 V2 ...``, as tyro reads a list)."""
     out = []
     for r in table(type(values)):
         value = getattr(values, r.name)
         if r.titan is not None and value is not None:
-            out += [r.titan, str(value)]
+            out += [r.titan, *map(str, value)] if isinstance(value, tuple) else [r.titan, str(value)]
     return out
 
 
@@ -229,7 +232,7 @@ class TrainArgs:
     """
 
     # fmt: off
-    data: Path = field(metadata=option(
+    data: Path | None = field(metadata=option(
         "--data", help="Tokenized dataset prefix (PREFIX.bin/PREFIX.idx from `titanenv preprocess`)."))
     tokenizer: Path = field(metadata=option(
         "--tokenizer", help="tokenizer.json, or a folder containing it; copied to OUTPUT_DIR/tokenizer/."))

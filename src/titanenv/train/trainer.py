@@ -29,7 +29,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from titanenv.slurmenv import node_name
-from titanenv.train import control, peak, preflight, vocab
+from titanenv.train import control, lora, peak, preflight, vocab
 
 __all__ = ["JobControl", "TitanenvConfig", "TitanenvTrainer"]
 
@@ -74,6 +74,9 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
 
         control: JobControl = field(default_factory=JobControl)
 
+        lora: lora.LoraOptions = field(default_factory=lora.LoraOptions)
+        """LoRA adapters (``--lora.rank`` > 0): only they train; see :mod:`titanenv.train.lora`."""
+
         def build(self, **kwargs: Any) -> Any:  # a TitanenvTrainer (TorchTitan's Config.build)
             """Resolve the vocabulary against the tokenizer, then build the trainer.
 
@@ -99,7 +102,18 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
         ctl = config.control
         # Before anything slow: a USR1 during start-up must already count.
         self.stop_request = control.StopRequest(ctl.stop_file or None)
+        self.parameter_counts: dict[str, int] | None = None
+        if config.lora.rank > 0:
+            if not config.checkpoint.initial_load_path:
+                raise ValueError(
+                    "LoRA (--lora.rank > 0) trains adapters on base weights, and none were given: pass "
+                    "--checkpoint.initial-load-path HF_DIR --checkpoint.initial-load-in-hf, "
+                    "or use `titanenv finetune --from`"
+                )
+            _add_lora(config)
         super().__init__(config)
+        if config.lora.rank > 0:
+            self._check_lora()
         self._set_mfu_peak(ctl.peak_tflops)
         hang = ctl.hang_timeout_s
         if hang == 0:
@@ -125,6 +139,19 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
         if dist.is_initialized() and dist.get_backend() != "gloo":
             self.control_group = dist.new_group(backend="gloo")
         return parallel_dims
+
+    def _check_lora(self) -> None:
+        """Fail before the first step unless the optimizer holds exactly the adapters; log the counts."""
+        tensors = lora.check_optimizer(self.model_parts, self.optimizers)
+        counts = lora.parameter_counts(self.model_parts)
+        self.parameter_counts = counts
+        total = counts["trainable"] + counts["frozen"]
+        logger.info(
+            f"LoRA r={self.config.lora.rank} alpha={self.config.lora.alpha:g} on "
+            f"{','.join(self.config.lora.target_modules)}: trainable {counts['trainable']:,} parameters "
+            f"({100 * counts['trainable'] / max(1, total):.2f}%, {tensors} tensors in the optimizer), "
+            f"frozen {counts['frozen']:,}"
+        )
 
     def _set_mfu_peak(self, tflops: float) -> None:
         name = self.metrics_processor.device_memory_monitor.device_name
@@ -172,9 +199,25 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
     def _write_status(self, state: str, reason: str) -> None:
         path = self.config.control.status_file
         if path and (not dist.is_initialized() or dist.get_rank() == 0):
-            control.write_status(path, state=state, step=self.step, steps=self.config.training.steps, reason=reason)
+            control.write_status(path, state=state, step=self.step, steps=self.config.training.steps, reason=reason,
+                                 parameters=self.parameter_counts)  # fmt: skip
         if dist.is_initialized():
             dist.barrier(group=self.control_group)  # every launcher reads the status only after this
+
+
+def _add_lora(config: TitanenvTrainer.Config) -> None:
+    """Put the adapters into the model config, and re-freeze the base right after ``parallelize``."""
+    spec = config.model_spec
+    spec.model = lora.convert(spec.model, config.lora)
+    parallelize = spec.parallelize_fn
+    dropout = config.lora.dropout
+
+    def parallelize_then_freeze(model: Any, *args: Any, **kwargs: Any) -> Any:
+        out = parallelize(model, *args, **kwargs)
+        lora.freeze(out if out is not None else model, dropout)
+        return out
+
+    spec.parallelize_fn = parallelize_then_freeze
 
 
 TitanenvConfig = TitanenvTrainer.Config
