@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "finetune": 6,
     "slurm": 7,
     "api": 8,
+    "workflow": 8,
     "cli": 9,
     "__main__": 10,  # python -m titanenv: above the CLI it runs
 }

@@ -67,7 +67,12 @@ def test_submit_builds_one_command_and_parses_the_job_id(fake_sbatch: Path, tmp_
     env = {"PATH": os.environ["PATH"], "_TITANENV_INSIDE": "1"}
     job = sbatch.submit(["--wrap=true"], dependency="afterok:41", sbatch=str(fake_sbatch), cwd=tmp_path, env=env)
     assert job == "4242"
-    assert (tmp_path / "argv").read_text().split() == ["--parsable", "--dependency=afterok:41", "--wrap=true"]
+    assert (tmp_path / "argv").read_text().split() == [
+        "--parsable",
+        "--dependency=afterok:41",
+        "--kill-on-invalid-dep=yes",
+        "--wrap=true",
+    ]
     assert (tmp_path / "env").read_text().split() == ["inside=unset", f"pwd={tmp_path}"]
 
 

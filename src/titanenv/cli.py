@@ -24,6 +24,7 @@ from titanenv.export import cli as export_cli
 from titanenv.finetune import cli as finetune_cli
 from titanenv.slurm import cli as slurm_cli
 from titanenv.train import cli as train_cli
+from titanenv.workflow import cli as workflow_cli
 
 app = typer.Typer(
     help="Offline-first LLM pre-training with TorchTitan on Slurm supercomputers.",
@@ -84,6 +85,7 @@ app.command("doctor")(assets_cli.doctor)
 app.command("preprocess")(data_cli.preprocess)
 app.command("train")(train_cli.train)
 app.command("finetune")(finetune_cli.finetune)
+app.command("workflow")(workflow_cli.workflow)
 app.command("eval")(eval_cli.evaluate)
 app.command("export")(export_cli.export)
 app.command("generate")(eval_cli.generate)

@@ -24,15 +24,17 @@ TIMEOUT_S = 60.0
 def command(
     options: Sequence[str], *, dependency: str | None = None, test_only: bool = False, sbatch: str = "sbatch"
 ) -> list[str]:
-    """``sbatch --parsable [--dependency=DEPENDENCY] OPTIONS...`` (``--test-only`` instead of ``--parsable``).
+    """``sbatch --parsable [--dependency=DEPENDENCY --kill-on-invalid-dep=yes] OPTIONS...``
+    (``--test-only`` instead of ``--parsable``).
 
     Args:
         options: sbatch options, then the script and its arguments (or ``--wrap=...``).
-        dependency: e.g. ``afterok:1234``; None: no dependency.
+        dependency: e.g. ``afterok:1234``; None: no dependency. A job whose dependency can never be
+            met (the job it waits for failed) is cancelled rather than left pending for ever.
         test_only: ask whether Slurm would accept the job, and when it would start; nothing is queued.
         sbatch: the sbatch executable.
     """
-    dep = [f"--dependency={dependency}"] if dependency else []
+    dep = [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"] if dependency else []
     return [sbatch, "--test-only" if test_only else "--parsable", *dep, *options]
 
 

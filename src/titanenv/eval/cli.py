@@ -1,14 +1,18 @@
-"""``titanenv eval``: typer command functions (the lm-eval matrix; validation loss of a run with --data)."""
+"""``titanenv eval``: typer command functions (the lm-eval matrix; validation loss of a run with --data;
+passkey retrieval with --passkey)."""
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from titanenv.data.indexed import bin_path, idx_path
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["evaluate", "generate"]
 
@@ -68,10 +72,34 @@ def evaluate(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (matrix and exports).")] = "float32",
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder of the lm-eval matrix. Default: RUN/eval for one run, else ./eval_results."),
+        typer.Option(
+            help="Output folder of the lm-eval matrix (default: RUN/eval for one run, else ./eval_results) "
+            "or of --passkey (default: RUN/eval/passkey, else ./eval_results/passkey)."
+        ),
     ] = None,
+    by_position: Annotated[
+        int | None,
+        typer.Option(
+            help="With --data: also the loss in N equal position buckets of the window "
+            "(OUTPUT_DIR/loss_by_position.json and .png)."
+        ),
+    ] = None,
+    passkey: Annotated[
+        bool,
+        typer.Option(
+            "--passkey",
+            help="Passkey retrieval mode: a 5-digit key hidden in filler text at several depths and lengths, "
+            "greedy answers scored; writes passkey.json and passkey.png to --out.",
+        ),
+    ] = False,
+    passkey_lengths: Annotated[
+        str, typer.Option(help="Prompt lengths in tokens (those above the model's seq_len are skipped).")
+    ] = "64,128,256",
+    passkey_depths: Annotated[str, typer.Option(help="Needle depths in percent of the filler.")] = "0,25,50,75,100",
+    passkey_trials: Annotated[int, typer.Option(help="Prompts (keys) per depth and length.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the pass keys (--passkey).")] = 0,
 ) -> None:
-    """The lm-eval matrix (models x tasks x few-shot counts), offline; with --data, validation loss.
+    """The lm-eval matrix (models x tasks x few-shot counts), offline; --data: validation loss; --passkey: retrieval.
 
     Matrix: checks that every task builds from the local caches before loading any model (a
     missing one exits 2 with its `titanenv assets fetch` line), loads each model once and writes
@@ -79,20 +107,35 @@ def evaluate(
 
     With --data: rebuilds the run's model from its recipe, loads the latest complete DCP
     checkpoint, scores the validation windows, prints loss (nats/token) and perplexity, and
-    writes them to OUTPUT_DIR/eval.json (atomically).
+    writes them to OUTPUT_DIR/eval.json (atomically); --by-position N adds the loss per position bucket.
+
+    With --passkey: one run folder or Hugging Face folder answers the pass key of each (depth,
+    length) cell --passkey-trials times; prints the accuracy table and writes passkey.json and
+    passkey.png (depth x length heatmap) to --out.
     """
     from titanenv import eval as ev
     from titanenv.data import tokenizer as toklib
     from titanenv.eval.generate import generate as greedy_text
 
+    passkey_options = dict(passkey_lengths=passkey_lengths, passkey_depths=passkey_depths,
+                           passkey_trials=passkey_trials, seed=seed)  # fmt: skip
+    if passkey:
+        _not_in_mode("--passkey", data=data, prompt=prompt, tokenizer=tokenizer, max_windows=max_windows,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, tasks=tasks, num_fewshot=num_fewshot,
+                     limit=limit, include_path=include_path, steps=steps, dtype=dtype,
+                     by_position=by_position)  # fmt: skip
+        models = [*([output_dir] if output_dir else []), *(model or [])]
+        _passkey(models, step, device, out, passkey_lengths, passkey_depths, passkey_trials, seed)
+        return
     if data is None:
         _not_in_mode("the lm-eval matrix (without --data)", prompt=prompt, tokenizer=tokenizer,
-                     max_windows=max_windows, max_new_tokens=max_new_tokens)  # fmt: skip
+                     max_windows=max_windows, max_new_tokens=max_new_tokens, by_position=by_position,
+                     **passkey_options)  # fmt: skip
         models = [*([output_dir] if output_dir else []), *(model or [])]
         _matrix(models, tasks, num_fewshot, limit, include_path or [], step, steps, batch_size, device, dtype, out)
         return
     _not_in_mode("--data (validation loss)", tasks=tasks, num_fewshot=num_fewshot, device=device, dtype=dtype,
-                 limit=limit, include_path=include_path, steps=steps, out=out)  # fmt: skip
+                 limit=limit, include_path=include_path, steps=steps, out=out, **passkey_options)  # fmt: skip
     if output_dir is None:
         if not model or len(model) != 1:
             raise typer.BadParameter("--data scores one run folder: pass one --model (or --output-dir)")
@@ -117,9 +160,74 @@ def evaluate(
         f"step {result.step}: val loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f} "
         f"({result.tokens:,} tokens in {result.windows} windows) -> {Path(output_dir) / ev.EVAL_FILE}"
     )
+    if by_position is not None:
+        _by_position(loaded[0], data, run.seq_len, by_position, max_windows, batch_size, output_dir)
     if prompt is not None:
         text = greedy_text(loaded[0], tokenizer, prompt, max_new_tokens=max_new_tokens, context=run.seq_len)
         typer.echo(f"{prompt}{text}")
+
+
+def _by_position(
+    net: torch.nn.Module, data: Path, seq_len: int, buckets: int, max_windows: int, batch_size: int, out: Path
+) -> None:
+    """``--data --by-position N``: the loss per position bucket, printed and written next to eval.json."""
+    from titanenv.eval import loss
+
+    try:
+        result = loss.loss_by_position(net, data, seq_len, buckets=buckets, max_windows=max_windows,
+                                       batch_size=batch_size)  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--by-position") from None
+    paths = loss.write_loss_by_position(result, out)
+    for (lo, hi), value in zip(result.buckets, result.loss, strict=True):
+        typer.echo(f"  positions {lo:>6}-{hi - 1:<6} loss {value:.4f}")
+    typer.echo(f"loss by position -> {paths[0]}, {paths[1]}")
+
+
+def _passkey(
+    models: list[Path],
+    step: int | None,
+    device: str,
+    out: Path | None,
+    lengths: str,
+    depths: str,
+    trials: int,
+    seed: int,
+) -> None:
+    """``titanenv eval --passkey``: parse, run :func:`titanenv.eval.passkey.evaluate_passkey`, print."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from titanenv.eval import matrix, passkey
+    from titanenv.eval.generate import ModelNotFound
+
+    if len(models) != 1:
+        raise typer.BadParameter("--passkey scores one model: pass one --model (or --output-dir)")
+    err = Console(stderr=True)
+    try:
+        config = passkey.PasskeyConfig(
+            lengths=tuple(matrix.parse_ints(lengths, "--passkey-lengths")),
+            depths=tuple(matrix.parse_ints(depths, "--passkey-depths")),
+            trials=trials, seed=seed,
+        )  # fmt: skip
+        result, paths = passkey.evaluate_passkey(
+            models[0], config, step=step, device=device, out=out,
+            progress=lambda line: err.print(f"[dim]passkey:[/dim] {line}", highlight=False),
+        )  # fmt: skip
+    except ModelNotFound as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
+    except (FileNotFoundError, ValueError) as e:  # a checkpoint step, --step with an HF folder, a grid setting
+        raise typer.BadParameter(str(e)) from None
+    table = Table(title=f"passkey accuracy ({result.trials} trials a cell)")
+    table.add_column("depth", justify="right")
+    for n in result.lengths:
+        table.add_column(f"{n} tok", justify="right")
+    for depth, row in zip(result.depths, result.accuracy, strict=True):
+        table.add_row(f"{depth}%", *(f"{a:.2f}" for a in row))
+    Console().print(table)
+    if result.skipped_lengths:
+        typer.echo(f"note: lengths {result.skipped_lengths} skipped: above the model's context")
+    typer.echo(f"results: {paths[0]}; heatmap: {paths[1]}")
 
 
 def _not_in_mode(mode: str, **given: object) -> None:

@@ -108,6 +108,14 @@ def load_state(run_dir: str | os.PathLike[str], *, step: int | None = None) -> L
     import torch.distributed.checkpoint as dcp  # imported here: see _model_config
 
     run = read_run_record(run_dir)
+    if run.infini is not None:
+        raise ExportRefused(
+            ["layers.*.attention.gate"],
+            f"{run_dir} is an Infini-attention run (--infini.segment-len {run.infini.segment_len}): Hugging Face's "
+            "LlamaForCausalLM has no compressive memory or gates. Evaluate and sample the run folder itself "
+            "(titanenv eval --output-dir RUN, --passkey --model RUN, titanenv generate RUN): it loads with its own "
+            "model",
+        )
     step, ckpt = resolve_checkpoint(run_dir, step)
     model_config, adapter = _model_config(run)
     state = _empty_state(model_config)

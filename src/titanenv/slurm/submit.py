@@ -54,6 +54,8 @@ class Submission:
     torchrun_env: dict[str, str] = field(default_factory=dict)
     command: str = "train"
     """The ``titanenv`` subcommand of the job: ``train``, or ``finetune`` (then the script's first argument)."""
+    dependency: str | None = None
+    """Slurm's ``--dependency`` of the job (``afterok:1234``), or None."""
 
     @property
     def script_args(self) -> list[str]:
@@ -62,14 +64,17 @@ class Submission:
 
     @property
     def sbatch_argv(self) -> list[str]:
-        return ["sbatch", str(self.script_path), *self.script_args]
+        dep = [f"--dependency={self.dependency}"] if self.dependency else []
+        return ["sbatch", *dep, str(self.script_path), *self.script_args]
 
     @property
     def srun_argv(self) -> list[str]:
         return ["srun", *SRUN_OPTIONS, str(self.root / "container_run.sh"), "titanenv", self.command, *self.job_args]
 
 
-def prepare(args: TrainArgs, spec: JobSpec, site: configlib.Resolved, *, command: str = "train") -> Submission:
+def prepare(
+    args: TrainArgs, spec: JobSpec, site: configlib.Resolved, *, command: str = "train", dependency: str | None = None
+) -> Submission:
     """Render the script for ``spec`` and build the commands of the job for an example allocation.
 
     ``command``: ``train``, or ``finetune`` for :class:`titanenv.finetune.FinetuneArgs` ``args``.
@@ -96,6 +101,7 @@ def prepare(args: TrainArgs, spec: JobSpec, site: configlib.Resolved, *, command
         torchrun=list(job.command),
         torchrun_env=dict(sorted(added.items())),
         command=command,
+        dependency=dependency,
     )
 
 
@@ -145,5 +151,5 @@ def submit(sub: Submission, sbatch: str | None = None, env: Mapping[str, str] | 
     sub.script_path.parent.mkdir(parents=True, exist_ok=True)
     sub.script_path.write_text(sub.script)
     (sub.root / Path(sub.spec.output).parent).mkdir(parents=True, exist_ok=True)
-    return sbatchlib.submit([str(sub.script_path), *sub.script_args], sbatch=sbatch, cwd=sub.root,
-                            env=_sbatch_env(sub, env), what=str(sub.script_path))  # fmt: skip
+    return sbatchlib.submit([str(sub.script_path), *sub.script_args], dependency=sub.dependency, sbatch=sbatch,
+                            cwd=sub.root, env=_sbatch_env(sub, env), what=str(sub.script_path))  # fmt: skip

@@ -58,7 +58,10 @@ def _train(args: TrainArgs, opts: SubmitArgs) -> None:
     lack the completion marker is refused (exit 3) rather than overwritten: resume with
     --resume-from step-N --trust-unmarked, or pass a new --output-dir.
     """
-    check_data(args.data)
+    if opts.submit and opts.dependency:  # the job it waits for may be what writes the data; the preflight checks it
+        typer.echo(f"--data {args.data}: checked when the job starts (after {opts.dependency})", err=True)
+    else:
+        check_data(args.data)
     launch(args, opts)
 
 
@@ -77,7 +80,7 @@ def launch(args: TrainArgs, opts: SubmitArgs, command: str = "train") -> None:
             max_requeues=opts.max_requeues, stop_before_limit_s=opts.stop_before_limit,
             output=f"{args.output_dir.absolute()}/logs/%x-%j.out",
         )  # fmt: skip
-        _submit(submitlib.prepare(args, spec, site, command=command), opts.dry_run)
+        _submit(submitlib.prepare(args, spec, site, command=command, dependency=opts.dependency), opts.dry_run)
         return
     # Imported here: the runner loads torch, which is slow to import, and no other `titanenv` command needs it.
     from titanenv.train import runner

@@ -118,15 +118,19 @@ def write_status(
     steps: int,
     reason: str = "",
     parameters: dict[str, int] | None = None,
+    infini: dict[str, Any] | None = None,
 ) -> None:
     """Record how training ended (``state``: ``completed`` or ``stopped``) for ``titanenv train``.
 
-    ``parameters``: trainable/frozen counts of a LoRA run (:func:`titanenv.train.lora.parameter_counts`).
+    ``parameters``: trainable/frozen counts of a LoRA run (:func:`titanenv.train.lora.parameter_counts`);
+    ``infini``: an Infini-attention run's settings and final gates.
     """
     status: dict[str, object] = {"state": state, "step": step, "steps": steps, "reason": reason,
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     if parameters is not None:
         status["parameters"] = parameters
+    if infini is not None:
+        status["infini"] = infini
     write_json_atomic(path, status)
 
 

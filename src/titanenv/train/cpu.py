@@ -38,9 +38,9 @@ FSDP gradient reduction (recipes wrap ``parallelize_fn`` with :func:`parallelize
     with Gloo"). Each FSDP module additionally gets
     ``set_force_sum_reduction_for_comms(True)``: a plain SUM, then a division by the
     factor 1.0, which is skipped. Side effect: none; gradients are identical.
-Attention (recipes: causal SDPA; ``dataloader.document_positions = False``)
-    FlexAttention has no backward on CPU. Side effect: attention crosses document
-    boundaries inside a window (GPT-2/Megatron style) and RoPE positions run
+Attention (recipes: causal SDPA by :func:`use_causal_sdpa`; ``dataloader.document_positions = False``)
+    FlexAttention has no backward on CPU (``--attn-backend sdpa`` chooses the same on GPU).
+    Side effect: attention crosses document boundaries inside a window (GPT-2/Megatron style) and RoPE positions run
     0..seq_len-1 per window instead of restarting at each document.
 CUDA graphs and torch.compile (recipes: off)
     Both are GPU features here. Side effect: eager execution.
@@ -58,8 +58,10 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+from torchtitan.protocols.model_spec import ModelSpec
 
-__all__ = ["CPU_DEVICE_MODULE", "apply", "cpu_only", "parallelize_for_cpu", "force_sum_reduction"]
+__all__ = ["CPU_DEVICE_MODULE", "apply", "cpu_only", "parallelize_for_cpu", "force_sum_reduction", "use_causal_sdpa"]
 
 
 def cpu_only() -> bool:
@@ -141,6 +143,15 @@ def force_sum_reduction(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
+
+
+def use_causal_sdpa(spec: ModelSpec) -> None:
+    """Replace every FlexAttention in ``spec.model`` with causal SDPA, in place."""
+    for _, _, parent, attr in list(spec.model.traverse(FlexAttention.Config)):
+        if isinstance(parent, list):
+            parent[attr] = ScaledDotProductAttention.Config()
+        else:
+            setattr(parent, attr, ScaledDotProductAttention.Config())
 
 
 def parallelize_for_cpu(parallelize_fn: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:

@@ -23,6 +23,8 @@ both rules), so the per-query-head memory of repeating KV heads to query heads w
 
 Use :func:`apply_infini` on a built llama3 model (before ``parallelize``), log
 :func:`gate_values`, and give the gates their own optimizer group with :func:`with_gate_param_group`.
+In training, :class:`InfiniOptions` (``--infini.*``) does all three through
+:class:`titanenv.train.trainer.TitanenvTrainer` (recipes ``titanenv_debug_infini``, ``titanenv_1b_infini``).
 Tensor parallelism and context parallelism are not supported yet (the segment loop needs the
 whole sequence and all heads of a KV group on one rank); FSDP is.
 """
@@ -41,6 +43,7 @@ import spmd_types as spmd  # type: ignore[import-untyped]  # no type hints
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
 from torchtitan.models.common.attention import AttentionMasksType, GQAttention
 from torchtitan.models.common.decoder_sharding import dense_param_placement
@@ -52,8 +55,10 @@ __all__ = [
     "InfiniAttention",
     "InfiniConfig",
     "InfiniConverter",
+    "InfiniOptions",
     "apply_infini",
     "document_ids",
+    "gate_metrics",
     "gate_param_group",
     "gate_values",
     "infini_model_config",
@@ -117,6 +122,60 @@ class InfiniConfig:
             raise ValueError(f"InfiniConfig.gate_init must be finite, got {self.gate_init}")
         if self.gate_lr < 0 or self.gate_weight_decay < 0:
             raise ValueError("InfiniConfig.gate_lr and gate_weight_decay must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class InfiniOptions:
+    """Infini-attention in training (``--infini.*``); ``segment_len`` 0 is off (the baseline's attention).
+
+    The fields are :class:`InfiniConfig`'s; :meth:`config` turns them into one.
+    """
+
+    segment_len: int = 0
+    """Tokens per segment N (> 0: every attention layer becomes Infini-attention). 0: off. Not tied to
+    --training.seq-len: a shorter sequence has fewer segments; it need not be a multiple of N."""
+
+    update: Update = "linear"
+    """Memory update rule: linear (paper eq. 4) or delta (eq. 5)."""
+
+    gate_init: float = 0.0
+    """Initial gate β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
+
+    gate_lr: float = 1e-2
+    """Learning rate of the gates (their own optimizer group, ahead of the recipe's groups)."""
+
+    gate_weight_decay: float = 0.0
+    """Weight decay of the gates; 0 keeps decay from pulling every gate towards 0.5."""
+
+    documents: Documents = "reset"
+    """At a packed-document boundary the memory restarts (reset) or runs on (carry)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether Infini-attention is on (``segment_len > 0``)."""
+        return self.segment_len > 0
+
+    def config(self) -> InfiniConfig:
+        """The layers' settings.
+
+        Raises:
+            ValueError: naming the ``--infini.*`` flag, when Infini-attention is off or a value is out of range.
+        """
+        if self.segment_len < 1:
+            raise ValueError(f"--infini.segment-len {self.segment_len}: Infini-attention is off; use > 0 to turn it on")
+        if self.update not in ("linear", "delta"):
+            raise ValueError(f"--infini.update {self.update!r}: choose linear or delta")
+        if self.documents not in ("reset", "carry"):
+            raise ValueError(f"--infini.documents {self.documents!r}: choose reset or carry")
+        if not math.isfinite(self.gate_init):
+            raise ValueError(f"--infini.gate-init {self.gate_init}: must be finite")
+        for flag, value in (("gate-lr", self.gate_lr), ("gate-weight-decay", self.gate_weight_decay)):
+            if not value >= 0:
+                raise ValueError(f"--infini.{flag} {value}: must be >= 0")
+        return InfiniConfig(
+            segment_len=self.segment_len, update=self.update, gate_init=self.gate_init, gate_lr=self.gate_lr,
+            gate_weight_decay=self.gate_weight_decay, documents=self.documents,
+        )  # fmt: skip
 
 
 def sigma(x: torch.Tensor) -> torch.Tensor:
@@ -478,11 +537,37 @@ class InfiniConverter(ModelConfigConverter):  # type: ignore[misc]  # torchtitan
 def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
     """``sigmoid(β)`` per head for each InfiniAttention layer (share of the memory term, 0..1).
 
+    A sharded gate (FSDP's DTensor) is gathered with ``full_tensor()``, a collective: then call
+    this on every rank of the mesh.
+
     Returns:
         ``{module FQN: float32[n_heads]}``, detached, on the parameters' device.
     """
-    layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, InfiniAttention)]
-    return {fqn: torch.sigmoid(m.gate.detach().float()) for fqn, m in layers}
+    out = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, InfiniAttention):
+            gate = m.gate.detach()
+            out[fqn] = torch.sigmoid((gate.full_tensor() if isinstance(gate, DTensor) else gate).float())
+    return out
+
+
+_WRAPPERS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+def gate_metrics(gates: dict[str, torch.Tensor]) -> dict[str, float]:
+    """TensorBoard scalars of :func:`gate_values`: ``infini/gate/LAYER/head{h}``, ``infini/gate_mean/LAYER``.
+
+    ``LAYER`` (``layers.{i}``) is the attention module's FQN without wrapper segments (activation
+    checkpointing, compile) and without the trailing ``attention``.
+    """
+    out: dict[str, float] = {}
+    for fqn, values in gates.items():
+        parts = [p for p in fqn.split(".") if p not in _WRAPPERS]
+        layer = ".".join(parts[:-1] if parts and parts[-1] == "attention" else parts)
+        for head, value in enumerate(values.tolist()):
+            out[f"infini/gate/{layer}/head{head}"] = value
+        out[f"infini/gate_mean/{layer}"] = float(values.mean())
+    return out
 
 
 def gate_param_group(cfg: InfiniConfig, base: ParamGroupConfig) -> ParamGroupConfig:

@@ -75,7 +75,8 @@ class NodeRun:
         return settings.record(self.args)
 
 
-RECIPE_SEQ_LEN = {"titanenv_debug": 512, "titanenv_1b": 2048, "titanenv_debug_lora": 512, "titanenv_1b_lora": 2048}
+RECIPE_SEQ_LEN = {"titanenv_debug": 512, "titanenv_1b": 2048, "titanenv_debug_lora": 512, "titanenv_1b_lora": 2048,
+                  "titanenv_debug_infini": 512, "titanenv_1b_infini": 2048}  # fmt: skip
 """Default ``--training.seq-len`` of each recipe (used by :mod:`titanenv.train.recipes`; here without torch)."""
 
 

@@ -4,7 +4,8 @@ Single process, no torch.distributed: the model is rebuilt from the same recipe
 (:mod:`titanenv.train.recipes`) with the vocabulary and sequence length the run recorded in
 ``OUTPUT/trainer_config.json``, and its weights are read from a complete DCP checkpoint
 ``OUTPUT/checkpoint/step-N`` (complete = titanenv's completion marker, see
-:mod:`titanenv.train.checkpoints`). Attention is plain causal SDPA here, as in CPU training.
+:mod:`titanenv.train.checkpoints`). Attention is plain causal SDPA here, as in CPU training;
+a run with LoRA adapters or Infini-attention (``--infini.segment-len`` > 0) gets them back.
 Used by evaluation, export and generation, so that all three read the model the same way.
 """
 
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from titanenv.train import checkpoints
+from titanenv.train.infini import InfiniConfig, InfiniOptions, infini_model_config
 from titanenv.train.lora import LoraOptions
 
 __all__ = ["RunRecord", "latest_checkpoint", "load_model", "read_run_record", "run_config"]
@@ -35,6 +37,7 @@ class RunRecord:
         tokenizer_dir: folder with ``tokenizer.json``.
         lora: the LoRA adapters of a fine-tune (None: no adapters).
         base_model: the Hugging Face folder a fine-tune started from (``--checkpoint.initial-load-path``).
+        infini: the Infini-attention settings of the run (None: the baseline's attention).
     """
 
     recipe: str
@@ -43,6 +46,7 @@ class RunRecord:
     tokenizer_dir: Path
     lora: LoraOptions | None = None
     base_model: Path | None = None
+    infini: InfiniConfig | None = None
 
 
 def read_run_record(output_dir: str | os.PathLike[str]) -> RunRecord:
@@ -64,6 +68,7 @@ def read_run_record(output_dir: str | os.PathLike[str]) -> RunRecord:
     if not cfg.get("recipe"):
         raise ValueError(f"{path}: no 'recipe' entry; the run did not use a titanenv.train.recipes config")
     lora = cfg.get("lora") or {}
+    infini = InfiniOptions(**(cfg.get("infini") or {}))
     base = (cfg.get("checkpoint") or {}).get("initial_load_path")
     return RunRecord(
         recipe=cfg["recipe"],
@@ -72,11 +77,12 @@ def read_run_record(output_dir: str | os.PathLike[str]) -> RunRecord:
         tokenizer_dir=Path(cfg["hf_assets_path"]),
         lora=LoraOptions(**lora) if int(lora.get("rank", 0)) > 0 else None,
         base_model=Path(base) if base else None,
+        infini=infini.config() if infini.enabled else None,
     )
 
 
 def run_config(run: RunRecord) -> Any:
-    """The run's recipe config as it trained (vocabulary, ``seq_len``, LoRA adapters), with causal SDPA.
+    """The run's recipe config as it trained (vocabulary, ``seq_len``, LoRA, Infini-attention), with causal SDPA.
 
     ``config.model_spec.model`` is ready to build on one CPU process.
     """
@@ -90,6 +96,9 @@ def run_config(run: RunRecord) -> Any:
     if run.lora is not None:
         config.lora = run.lora
         config.model_spec.model = lora.convert(config.model_spec.model, run.lora)
+    if run.infini is not None:
+        config.infini = InfiniOptions(**asdict(run.infini))
+        infini_model_config(config.model_spec.model, run.infini)
     config.model_spec.model.update_from_config(config=config)
     return config
 

@@ -28,6 +28,13 @@ Recipes:
     Llama-3.2-1B for LoRA fine-tuning: ``titanenv_1b`` with Llama-3.2-1B's RoPE scaling
     (llama3, factor 32), LoRA r 16, alpha 32 on every block Linear, AdamW lr 2e-4 without weight
     decay, 50 warmup steps, 1000 steps, checkpoint every 200, base from Hugging Face safetensors.
+``titanenv_debug_infini``, ``titanenv_1b_infini``
+    ``titanenv_debug`` / ``titanenv_1b`` unchanged (data, optimizer, schedule, steps: a fair baseline) with
+    Infini-attention (arXiv:2404.07143, :mod:`titanenv.train.infini`) in every layer: 16 segments per
+    sample (``--infini.segment-len`` = seq_len // 16: 32 and 128; the Hugging Face post-mortem needed
+    that many), linear memory update, memory reset at document boundaries, gates from 0 in their own
+    AdamW group with lr 1e-2 and no weight decay. The gates go to TensorBoard (``infini/gate/...``).
+    Trained from scratch; not exportable to Hugging Face Llama (no such layer there).
 
 Vocabulary: the model's embedding/output size is ``--vocab-size``; the default 0
 means "the tokenizer's vocabulary (with added tokens) rounded up to a multiple of
@@ -36,7 +43,7 @@ built. The tokenizer is only ever read from that local folder (TorchTitan's
 ``HuggingFaceTokenizer`` loads ``<hf_assets_path>/tokenizer.json``; it never
 contacts the Hub).
 
-Both recipes build :class:`titanenv.train.trainer.TitanenvTrainer` (TorchTitan's trainer plus
+Every recipe builds :class:`titanenv.train.trainer.TitanenvTrainer` (TorchTitan's trainer plus
 stop-at-a-step-boundary on request, a hang watchdog and a preflight all-reduce; ``--control.*``
 flags) and :class:`titanenv.train.checkpointer.MarkedCheckpointManager` (a checkpoint counts
 only with its completion marker; resume skips, and logs, the incomplete ones).
@@ -59,13 +66,13 @@ from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.config.configs import DebugConfig
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
-from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 from torchtitan.models.llama3 import model_registry
-from torchtitan.protocols.model_spec import ModelSpec
 
 from titanenv.train import cpu
 from titanenv.train.checkpointer import MarkedCheckpointManager
+from titanenv.train.cpu import use_causal_sdpa
 from titanenv.train.dataloader import MegatronDataloader
+from titanenv.train.infini import InfiniOptions
 from titanenv.train.job import RECIPE_SEQ_LEN
 from titanenv.train.lora import LoraOptions
 from titanenv.train.trainer import TitanenvConfig
@@ -80,8 +87,10 @@ __all__ = [
     "recipe_names",
     "set_vocab_size",
     "titanenv_1b",
+    "titanenv_1b_infini",
     "titanenv_1b_lora",
     "titanenv_debug",
+    "titanenv_debug_infini",
     "titanenv_debug_lora",
     "tokenizer_vocab_size",
     "use_causal_sdpa",
@@ -108,15 +117,6 @@ def _debug() -> DebugConfig:
 
 def _loss(vocab_size: int) -> ChunkedLossWrapper.Config:
     return ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=vocab_size))
-
-
-def use_causal_sdpa(spec: ModelSpec) -> None:
-    """Replace every FlexAttention in ``spec.model`` with causal SDPA, in place."""
-    for _, _, parent, attr in list(spec.model.traverse(FlexAttention.Config)):
-        if isinstance(parent, list):
-            parent[attr] = ScaledDotProductAttention.Config()
-        else:
-            setattr(parent, attr, ScaledDotProductAttention.Config())
 
 
 def _adapt_to_host(config: TitanenvConfig) -> TitanenvConfig:
@@ -219,9 +219,32 @@ def titanenv_1b_lora() -> TitanenvConfig:
     return config
 
 
+INFINI_SEGMENTS = 16
+"""Segments per sample in the Infini recipes (``segment_len = seq_len // INFINI_SEGMENTS``)."""
+
+
+def _infini(config: TitanenvConfig, recipe: str) -> TitanenvConfig:
+    """``config`` with Infini-attention, 16 segments per sample; nothing else changes."""
+    config.recipe = recipe
+    segment_len = config.training.seq_len // INFINI_SEGMENTS
+    config.infini = InfiniOptions(segment_len=segment_len, gate_lr=1e-2, gate_weight_decay=0.0)
+    return config
+
+
+def titanenv_debug_infini() -> TitanenvConfig:
+    """``titanenv_debug`` with Infini-attention (segments of 32 tokens; CPU ok)."""
+    return _infini(titanenv_debug(), "titanenv_debug_infini")
+
+
+def titanenv_1b_infini() -> TitanenvConfig:
+    """``titanenv_1b`` with Infini-attention (segments of 128 tokens) for GPU nodes."""
+    return _infini(titanenv_1b(), "titanenv_1b_infini")
+
+
 def recipe_names() -> list[str]:
     """Names accepted by ``--config``."""
-    return ["titanenv_debug", "titanenv_1b", "titanenv_debug_lora", "titanenv_1b_lora"]
+    return ["titanenv_debug", "titanenv_1b", "titanenv_debug_lora", "titanenv_1b_lora",
+            "titanenv_debug_infini", "titanenv_1b_infini"]  # fmt: skip
 
 
 def load_recipe(name: str) -> TitanenvConfig:

@@ -320,4 +320,7 @@ class SubmitArgs:
         "--stop-before-limit",
         help="With --submit: seconds before the time limit to checkpoint and stop (--signal=B:USR1@N); "
         "must cover a step plus a checkpoint save."))
+    dependency: str | None = field(default=None, metadata=option(
+        "--dependency", help="With --submit: Slurm's --dependency for the job, e.g. afterok:1234 (after that job "
+        "succeeded)."))
     # fmt: on

@@ -15,21 +15,31 @@ runs this class; nothing of TorchTitan is patched. Additions to TorchTitan's loo
   train`` turns that into exit code 75 (requeue).
 - **Hang watchdog** armed per step.
 - **MFU peak** from :mod:`titanenv.train.peak` (A100 312, H100/H200/GH200 989 TFLOP/s).
+- **LoRA** (``--lora.rank`` > 0, :mod:`titanenv.train.lora`).
+- **Infini-attention** (``--infini.segment-len`` > 0, :mod:`titanenv.train.infini`): every attention
+  layer converted, the gates in their own optimizer group (first), ``sigmoid(β)`` per layer and head
+  logged to TensorBoard at every metrics step (``infini/gate/layers.{i}/head{h}``,
+  ``infini/gate_mean/layers.{i}``, histogram ``infini/gates``) and the final values written to
+  ``status.json`` (``infini``). Not together with LoRA (refused).
+- **Config checks** when the config is built (before any process group): every optimizer param group
+  sets ``weight_decay``; ``--attn-backend`` and ``--fused-adam`` are resolved and logged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.distributed as dist
 import tyro
+from torchtitan.components.metrics import LoggerContainer, TensorBoardLogger
+from torchtitan.models.common.attention import FlexAttention, GQAttention, ScaledDotProductAttention
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from titanenv.slurmenv import node_name
-from titanenv.train import control, lora, peak, preflight, vocab
+from titanenv.train import control, cpu, infini, lora, peak, preflight, vocab
 
 __all__ = ["JobControl", "TitanenvConfig", "TitanenvTrainer"]
 
@@ -77,13 +87,29 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
         lora: lora.LoraOptions = field(default_factory=lora.LoraOptions)
         """LoRA adapters (``--lora.rank`` > 0): only they train; see :mod:`titanenv.train.lora`."""
 
+        infini: infini.InfiniOptions = field(default_factory=infini.InfiniOptions)
+        """Infini-attention (``--infini.segment-len`` > 0) in every layer; see :mod:`titanenv.train.infini`."""
+
+        attn_backend: Literal["auto", "flex", "sdpa"] = "auto"
+        """Attention kernel. auto: the recipe's (FlexAttention with per-document masks on CUDA, causal SDPA
+        without CUDA). sdpa: causal SDPA on every host, attention crossing documents inside a window and no
+        per-document positions, as on CPU (the workflow's --disable-flash-attn). flex: FlexAttention; needs CUDA.
+        Infini-attention's local attention is SDPA inside each segment whatever this says."""
+
+        fused_adam: bool = False
+        """Set ``fused=True`` (and ``foreach=False``) in every Adam/AdamW param group on CUDA (the workflow's
+        --enable-fused-adam); ignored, with a log line, without CUDA. Off: --optimizer.implementation decides."""
+
         def build(self, **kwargs: Any) -> Any:  # a TitanenvTrainer (TorchTitan's Config.build)
-            """Resolve the vocabulary against the tokenizer, then build the trainer.
+            """Check the config, resolve the vocabulary against the tokenizer, then build the trainer.
 
             Raises:
                 FileNotFoundError: if ``hf_assets_path`` has no ``tokenizer.json``.
-                ValueError: if ``vocab_size`` is smaller than the tokenizer's vocabulary.
+                ValueError: a config error, naming the flag or field: ``vocab_size`` smaller than the
+                    tokenizer's vocabulary, an optimizer group without ``weight_decay``, LoRA together
+                    with Infini-attention, bad ``--infini.*`` values, ``--attn-backend flex`` without CUDA.
             """
+            check_config(self)
             tok_vocab = vocab.tokenizer_vocab_size(self.hf_assets_path)
             if self.vocab_size == 0:
                 self.vocab_size = vocab.padded_vocab_size(tok_vocab)
@@ -103,6 +129,8 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
         # Before anything slow: a USR1 during start-up must already count.
         self.stop_request = control.StopRequest(ctl.stop_file or None)
         self.parameter_counts: dict[str, int] | None = None
+        if config.infini.enabled:
+            _add_infini(config)
         if config.lora.rank > 0:
             if not config.checkpoint.initial_load_path:
                 raise ValueError(
@@ -164,7 +192,22 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
 
     def train_step(self, data_iterator: Any) -> Any:
         self.watchdog.arm()  # covers this step and the checkpoint save after it, until the next step
-        return super().train_step(data_iterator)
+        out = super().train_step(data_iterator)
+        if self.config.infini.enabled and self.metrics_processor.should_log(self.step):
+            self._log_gates()
+        return out
+
+    def _gates(self) -> dict[str, torch.Tensor]:
+        """``sigmoid(β)`` of every Infini layer this rank holds; a collective under FSDP (every rank calls it)."""
+        return {fqn: v for part in self.model_parts for fqn, v in infini.gate_values(part).items()}
+
+    def _log_gates(self) -> None:
+        """Gate scalars and histogram to the metrics logger (a no-op logger on every rank but the metrics rank)."""
+        gates = self._gates()
+        self.metrics_processor.logger.log(infini.gate_metrics(gates), self.step)
+        writer = _summary_writer(self.metrics_processor.logger)
+        if writer is not None and gates:
+            writer.add_histogram("infini/gates", torch.cat(list(gates.values())).cpu(), self.step)
 
     def should_continue_training(self) -> bool:
         if not super().should_continue_training():
@@ -198,9 +241,11 @@ class TitanenvTrainer(Trainer):  # type: ignore[misc]  # torchtitan ships no typ
 
     def _write_status(self, state: str, reason: str) -> None:
         path = self.config.control.status_file
+        gates = self._gates() if path and self.config.infini.enabled else None  # every rank: a collective
         if path and (not dist.is_initialized() or dist.get_rank() == 0):
+            record = _gate_record(self.config.infini, gates) if gates is not None else None
             control.write_status(path, state=state, step=self.step, steps=self.config.training.steps, reason=reason,
-                                 parameters=self.parameter_counts)  # fmt: skip
+                                 parameters=self.parameter_counts, infini=record)  # fmt: skip
         if dist.is_initialized():
             dist.barrier(group=self.control_group)  # every launcher reads the status only after this
 
@@ -218,6 +263,117 @@ def _add_lora(config: TitanenvTrainer.Config) -> None:
         return out
 
     spec.parallelize_fn = parallelize_then_freeze
+
+
+def _add_infini(config: TitanenvTrainer.Config) -> None:
+    """Turn every attention config into Infini-attention and put the gate group first in the optimizer (idempotent)."""
+    cfg = config.infini.config()
+    model = config.model_spec.model
+    if not any(isinstance(c, infini.InfiniAttention.Config) for _, c, _, _ in model.traverse(GQAttention.Config)):
+        infini.infini_model_config(model, cfg)
+    config.optimizer = infini.with_gate_param_group(config.optimizer, cfg)
+    n_seg = -(-config.training.seq_len // cfg.segment_len)
+    logger.info(
+        f"Infini-attention: {n_seg} segments of {cfg.segment_len} tokens per {config.training.seq_len}-token sample, "
+        f"memory {cfg.update}, documents {cfg.documents}; gates from {cfg.gate_init:g}, "
+        f"lr {cfg.gate_lr:g}, weight decay {cfg.gate_weight_decay:g}"
+    )
+
+
+def _gate_record(options: infini.InfiniOptions, gates: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``status.json``'s ``infini`` entry: the settings and the final ``sigmoid(β)`` per layer (list per head)."""
+    metrics = infini.gate_metrics(gates)
+    prefix = "infini/gate_mean/"
+    means = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    per_head = {layer: [v for k, v in metrics.items() if k.startswith(f"infini/gate/{layer}/head")] for layer in means}
+    return {**asdict(options), "gates": per_head, "gate_mean": means}
+
+
+def _summary_writer(metric_logger: Any) -> Any:
+    """The SummaryWriter of TorchTitan's TensorBoard logger, if this rank has one (else None)."""
+    loggers = metric_logger._loggers if isinstance(metric_logger, LoggerContainer) else [metric_logger]
+    return next((lg.writer for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def check_config(config: TitanenvTrainer.Config) -> None:
+    """Config errors before anything starts, and the host-dependent choices (attention, fused AdamW), logged.
+
+    Raises:
+        ValueError: naming the flag or field to change.
+    """
+    for i, group in enumerate(config.optimizer.param_groups):
+        if group.optimizer_kwargs.get("weight_decay") is None:
+            state = "is None" if "weight_decay" in group.optimizer_kwargs else "is missing"
+            raise ValueError(
+                f"optimizer.param_groups[{i}] (pattern {group.pattern!r}, {group.optimizer_name}): "
+                f"optimizer_kwargs['weight_decay'] {state}; set it explicitly (e.g. 0.0 or 0.1) in the recipe's "
+                "--optimizer param group, since the optimizer's own default would apply silently"
+            )
+    if config.infini.enabled:
+        if config.lora.rank > 0:
+            raise ValueError(
+                f"--infini.segment-len {config.infini.segment_len} with --lora.rank {config.lora.rank}: not supported; "
+                "LoRA freezes every non-adapter weight, so the Infini gates would not train, and a Hugging Face "
+                "base has no gates. Use one of them (--infini.segment-len 0 or --lora.rank 0)"
+            )
+        config.infini.config()  # range checks, naming the --infini.* flag
+        par = config.parallelism
+        for flag, degree in (("tensor-parallel-degree", par.tensor_parallel_degree),
+                             ("context-parallel-degree", par.context_parallel_degree)):  # fmt: skip
+            if degree > 1:
+                raise ValueError(f"--parallelism.{flag} {degree}: Infini-attention supports FSDP/DDP only (1)")
+    _resolve_attention(config)
+    _resolve_fused_adam(config)
+
+
+def _resolve_attention(config: TitanenvTrainer.Config) -> None:
+    """Apply ``--attn-backend`` and log one line: which attention runs, and why."""
+    choice = config.attn_backend
+    spec = config.model_spec
+    if choice == "flex" and cpu.cpu_only():
+        raise ValueError("--attn-backend flex: FlexAttention needs CUDA (it has no backward on CPU); use auto or sdpa")
+    old_gpu = None
+    if choice == "auto" and not cpu.cpu_only() and torch.cuda.get_device_capability() < (8, 0):
+        major, minor = torch.cuda.get_device_capability()
+        old_gpu = f"sm_{major}{minor} < sm_80: FlexAttention needs Ampere or newer"  # e.g. V100 on JUWELS Cluster
+    if choice == "sdpa" or old_gpu:
+        cpu.use_causal_sdpa(spec)
+        if hasattr(config.dataloader, "document_positions"):
+            config.dataloader.document_positions = False
+    flex = any(True for _ in spec.model.traverse(FlexAttention.Config))
+    if choice == "flex" and not flex:
+        raise ValueError(f"--attn-backend flex: recipe {config.recipe!r} builds no FlexAttention; use auto or sdpa")
+    sdpa = any(True for _ in spec.model.traverse(ScaledDotProductAttention.Config))
+    backend = "flex" if flex else "sdpa" if sdpa else "other"
+    if choice != "auto":
+        why = f"--attn-backend {choice}"
+    elif old_gpu:
+        why = old_gpu
+    elif cpu.cpu_only():
+        why = "no CUDA"
+    else:
+        why = f"CUDA, torch {torch.__version__}"
+    if config.infini.enabled:
+        docs = "document mask from positions" if getattr(config.dataloader, "document_positions", False) else "causal"
+        logger.info(
+            f"attention: infini, local softmax by sdpa inside {config.infini.segment_len}-token segments ({docs}; "
+            f"the recipe's {backend} is unused) plus compressive memory ({why})"
+        )
+    else:
+        logger.info(f"attention: {backend} ({why})")
+
+
+def _resolve_fused_adam(config: TitanenvTrainer.Config) -> None:
+    """``--fused-adam``: ``fused=True`` in every Adam/AdamW group on CUDA; without CUDA only a log line."""
+    if not config.fused_adam:
+        return
+    if cpu.cpu_only():
+        logger.info("--fused-adam is ignored on CPU (no CUDA): --optimizer.implementation decides")
+        return
+    for group in config.optimizer.param_groups:
+        if group.optimizer_name in ("Adam", "AdamW"):
+            group.optimizer_kwargs = {**group.optimizer_kwargs, "fused": True, "foreach": False}
+    logger.info("--fused-adam: fused=True in every Adam/AdamW param group")
 
 
 TitanenvConfig = TitanenvTrainer.Config
