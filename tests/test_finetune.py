@@ -165,7 +165,7 @@ def test_a_repo_id_missing_from_the_hub_cache_prints_the_fetch_command(tmp_path,
         resolve_base("meta-llama/Llama-3.2-1B")
 
 
-def test_llama_32_1b_config_matches_the_1b_lora_recipe_and_not_the_pretraining_one(tmp_path, sample):
+def test_llama_32_1b_config_matches_the_1b_recipes_and_a_changed_rope_is_named(tmp_path, sample):
     from titanenv.finetune import BaseMismatch, check_base
 
     hf = tmp_path / "llama"
@@ -174,8 +174,11 @@ def test_llama_32_1b_config_matches_the_1b_lora_recipe_and_not_the_pretraining_o
     shutil.copy(sample / "gpt2_tokenizer.json", hf / "tokenizer.json")
     (hf / "model.safetensors").write_bytes(b"")  # not read by the check
     assert check_base(hf, "titanenv_1b_lora", hf) == 128256
+    assert check_base(hf, "titanenv_1b", hf) == 128256  # a titanenv_1b run exports this same architecture
+    rope = {**LLAMA_32_1B["rope_scaling"], "factor": 8.0}
+    (hf / "config.json").write_text(json.dumps({**LLAMA_32_1B, "rope_scaling": rope}))
     with pytest.raises(BaseMismatch) as e:
-        check_base(hf, "titanenv_1b", hf)
+        check_base(hf, "titanenv_1b_lora", hf)
     assert e.value.fields == ["rope_scaling.factor"]
 
 

@@ -14,8 +14,9 @@ Recipes:
     rank, 100 steps, log every step, checkpoint every 10 steps (keep 3), TensorBoard
     on; fits a laptop CPU.
 ``titanenv_1b``
-    Llama-3.2-1B shape (16 layers, dim 2048, GQA 32/8, tied embeddings; 1.076B
-    parameters with GPT-2's padded 50304 vocabulary) for GPU nodes: FSDP with bf16
+    Llama-3.2-1B shape (16 layers, dim 2048, GQA 32/8, tied embeddings, RoPE llama3 scaling
+    with factor 32 as in Meta's config.json, not TorchTitan's 8; 1.076B parameters with
+    GPT-2's padded 50304 vocabulary) for GPU nodes: FSDP with bf16
     parameters / fp32 reductions, torch.compile, selective activation
     checkpointing, FlexAttention with per-document masks, seq_len 2048, batch 4 per
     GPU, AdamW lr 3e-4 with 500 warmup steps and cosine decay, checkpoint every 500
@@ -25,8 +26,8 @@ Recipes:
     1e-3 without weight decay, 20 steps, base weights read from Hugging Face safetensors
     (``--checkpoint.initial-load-path HF_DIR``, which ``titanenv finetune --from`` sets).
 ``titanenv_1b_lora``
-    Llama-3.2-1B for LoRA fine-tuning: ``titanenv_1b`` with Llama-3.2-1B's RoPE scaling
-    (llama3, factor 32), LoRA r 16, alpha 32 on every block Linear, AdamW lr 2e-4 without weight
+    Llama-3.2-1B (or a ``titanenv_1b`` run) for LoRA fine-tuning: ``titanenv_1b`` with LoRA r 16,
+    alpha 32 on every block Linear, AdamW lr 2e-4 without weight
     decay, 50 warmup steps, 1000 steps, checkpoint every 200, base from Hugging Face safetensors.
 ``titanenv_debug_infini``, ``titanenv_1b_infini``
     ``titanenv_debug`` / ``titanenv_1b`` unchanged (data, optimizer, schedule, steps: a fair baseline) with
@@ -160,6 +161,10 @@ def titanenv_debug() -> TitanenvConfig:
 def titanenv_1b() -> TitanenvConfig:
     """~1B-parameter llama3 (Llama-3.2-1B shape) for GPU nodes: bf16 FSDP, compile, SAC."""
     spec = model_registry("1B", attn_backend="flex")
+    for layer in spec.model.layers:
+        # Meta's Llama-3.2-1B config.json has factor 32 (TorchTitan's 1B flavor: 8): so this recipe's runs and
+        # Meta's weights are the same model, and titanenv_1b_lora fine-tunes either.
+        layer.attention.rope.scaling_factor = 32.0
     config = TitanenvConfig(
         recipe="titanenv_1b",
         model_spec=spec,
@@ -211,8 +216,6 @@ def titanenv_debug_lora() -> TitanenvConfig:
 def titanenv_1b_lora() -> TitanenvConfig:
     """Llama-3.2-1B (RoPE llama3 factor 32, tied embeddings) LoRA fine-tune for GPU nodes."""
     config = _lora(titanenv_1b(), "titanenv_1b_lora", LoraOptions(rank=16, alpha=32.0), lr=2e-4)
-    for layer in config.model_spec.model.layers:
-        layer.attention.rope.scaling_factor = 32.0  # Llama-3.2-1B's config.json
     config.training.steps = 1000
     config.lr_scheduler.warmup_steps = 50
     config.checkpoint.interval = 200
